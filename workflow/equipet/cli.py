@@ -78,7 +78,8 @@ def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None
             print(f"equipet: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception:
-        log.exception("unexpected error (a bug: please report it with this log)")
+        if any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers):
+            log.exception("unexpected error (a bug: please report it with this log)")
         raise
 
 

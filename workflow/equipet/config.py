@@ -29,6 +29,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_DIR = REPO_ROOT / "config" / "schema"
 
 
+TEMPLATE_HEADER = """\
+# equipet configuration: the paper's settings, every key with its default.
+# Generated from config/schema/ by `equipet-config --template`; edit values freely,
+# or override them in another file: snakemake --configfile config/config.yaml my.yaml
+# Keys are documented in config/README.md.
+
+"""
+
+
 def load_schema(schema_dir: str | Path = SCHEMA_DIR) -> dict[str, Any]:
     """Assemble the per-section schema files into one JSON schema (a dict)."""
     schema_dir = Path(schema_dir)
@@ -38,7 +47,11 @@ def load_schema(schema_dir: str | Path = SCHEMA_DIR) -> dict[str, Any]:
                           fix="run from an equipet checkout, or pass schema_dir")
     properties: dict[str, Any] = {}
     for f in files:
-        part = yaml.safe_load(f.read_text())
+        try:
+            part = yaml.safe_load(f.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"schema file is not valid YAML: {exc}", where=str(f),
+                              fix="correct the YAML syntax at the line shown") from exc
         if f.name == "top.schema.yaml":
             properties.update(part["properties"])
         else:
@@ -158,6 +171,81 @@ def load_config(paths: str | Path | Iterable[str | Path]) -> dict[str, Any]:
     return validate(config, source=" + ".join(map(str, paths)))
 
 
+def template(schema: Mapping[str, Any] | None = None) -> str:
+    """The full default configuration as commented YAML (each key preceded by its description).
+
+    ``config/config.yaml`` is this template: the paper's settings, all keys spelt out.
+    """
+    import textwrap
+
+    schema = load_schema() if schema is None else schema
+    lines: list[str] = []
+
+    def emit(node: Mapping[str, Any], indent: int) -> None:
+        pad = "  " * indent
+        for key, sub in node.get("properties", {}).items():
+            desc = " ".join(str(sub.get("description", "")).split())
+            for chunk in textwrap.wrap(desc, 96 - len(pad)):
+                lines.append(f"{pad}# {chunk}")
+            if sub.get("type") == "object" and "properties" in sub:
+                lines.append(f"{pad}{key}:")
+                emit(sub, indent + 1)
+            else:
+                value = yaml.safe_dump({key: sub.get("default")}, default_flow_style=True,
+                                       width=1000).strip()
+                lines.append(f"{pad}{value.removeprefix('{').removesuffix('}')}")
+            if indent == 0:
+                lines.append("")
+
+    emit(schema, 0)
+    return "\n".join(lines)
+
+
+MARKDOWN_HEADER = """\
+# Configuration reference
+
+`config/config.yaml` holds the paper's settings with every key spelt out; `config/quick.yaml`
+overrides a few of them so that the whole workflow runs in minutes on a 2-core CPU (the tests
+use it). Any other YAML file given with `--configfile` overrides keys the same way (later files
+win, nested sections merge). Every run is validated against the schema in `config/schema/`
+(one file per section); a missing key takes the default below, an unknown key or a wrong value
+stops the run with a message naming the file, the key and the fix.
+
+Check a config without running anything: `equipet-config config/config.yaml my.yaml`.
+
+This page is generated from the schema (`equipet-config --markdown > config/README.md`);
+a test keeps it, `config/config.yaml` and the schema in step.
+"""
+
+
+def markdown(schema: Mapping[str, Any] | None = None) -> str:
+    """A Markdown reference of every key: one table per section (key, default, description)."""
+    schema = load_schema() if schema is None else schema
+    out = [MARKDOWN_HEADER]
+
+    def rows(node: Mapping[str, Any], prefix: str) -> list[str]:
+        lines = []
+        for key, sub in node.get("properties", {}).items():
+            if sub.get("type") == "object" and "properties" in sub:
+                lines += rows(sub, f"{prefix}{key}.")
+                continue
+            default = json.dumps(sub.get("default"))
+            desc = " ".join(str(sub.get("description", "")).split()).replace("|", "\\|")
+            lines.append(f"| `{prefix}{key}` | `{default}` | {desc} |")
+        return lines
+
+    top = {k: v for k, v in schema["properties"].items() if v.get("type") != "object"}
+    out += ["## Top-level keys", "", "| key | default | description |", "|---|---|---|"]
+    out += rows({"properties": top}, "")
+    for name, sub in schema["properties"].items():
+        if sub.get("type") != "object":
+            continue
+        desc = " ".join(str(sub.get("description", "")).split())
+        out += ["", f"## `{name}`", "", desc, "", "| key | default | description |", "|---|---|---|"]
+        out += rows(sub, f"{name}.")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``equipet-config``: validate config files and print the result, or dump the schema."""
     from equipet.cli import run
@@ -166,9 +254,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser = argparse.ArgumentParser(prog="equipet-config", description=main.__doc__)
         parser.add_argument("configs", nargs="*", help="config YAML file(s) to validate")
         parser.add_argument("--schema", action="store_true", help="print the assembled JSON schema")
+        parser.add_argument("--template", action="store_true",
+                            help="print every key with its default and description (config/config.yaml)")
+        parser.add_argument("--markdown", action="store_true",
+                            help="print the Markdown key reference (config/README.md)")
         args = parser.parse_args(argv)
+        if args.markdown:
+            print(markdown(), end="")
+            return
         if args.schema:
             print(json.dumps(load_schema(), indent=2))
+            return
+        if args.template:
+            print(TEMPLATE_HEADER + template())
             return
         print(yaml.safe_dump(load_config(args.configs), sort_keys=False))
 

@@ -1,0 +1,71 @@
+# Shared helpers: config validation, result paths, and the settings passed to stages.
+import json
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+try:
+    from equipet.config import validate
+    from equipet.errors import ConfigError
+except ImportError as exc:  # pragma: no cover - message for a broken install
+    raise WorkflowError(
+        f"cannot import the equipet package ({exc}); run scripts/setup.sh or "
+        "'pip install -e .' in the environment that runs snakemake"
+    )
+
+_sources = [str(p) for p in (workflow.configfiles or ["config/config.yaml"])]
+try:
+    validate(config, source=" + ".join(_sources))
+except ConfigError as exc:
+    raise WorkflowError(f"invalid configuration:\n{exc}")
+
+RESULTS = config["results_dir"]
+LOGS = f"{RESULTS}/logs"
+BENCH = f"{RESULTS}/benchmarks"
+MODELS = ["cnn", "scnn"]
+SEEDS = config["seeds"]
+
+
+wildcard_constraints:
+    model="cnn|scnn",
+    seed=r"\d+",
+    experiment="denoise|radon_recon",
+    ctr=r"\d+",
+    job=r"\d+",
+    it=r"\d+",
+
+
+def settings(*sections):
+    """JSON of the config sections a stage reads (with device and seeds), for --settings.
+
+    Only the sections a rule uses enter its params, so changing one section
+    reruns only the rules that read it.
+    """
+    keys = ("device", "seeds", "results_dir") + sections
+    return json.dumps({k: config[k] for k in keys}, sort_keys=True)
+
+# Every rule runs in the same software environment (used with --sdm conda).
+CONDA_ENV = "../../envs/equipet.yaml"
+
+
+# ---- final targets of each stage ----------------------------------------------
+
+def brain_targets():
+    return expand(
+        f"{RESULTS}/{{experiment}}/{{model}}/seed{{seed}}/metrics.csv",
+        experiment=["denoise", "radon_recon"],
+        model=MODELS,
+        seed=SEEDS,
+    )
+
+
+def all_targets():
+    return [
+        f"{RESULTS}/tables/metrics.csv",
+        f"{RESULTS}/tables/timing.csv",
+        f"{RESULTS}/figures/denoise.png",
+        f"{RESULTS}/figures/radon_recon.png",
+        f"{RESULTS}/figures/group_action.png",
+        f"{RESULTS}/figures/generalisation.png",
+    ]
