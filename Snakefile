@@ -16,6 +16,7 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/brain.smk"
+include: "workflow/rules/simulation.smk"
 include: "workflow/rules/aggregate.smk"
 
 

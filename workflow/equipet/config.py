@@ -79,6 +79,15 @@ def _fill_defaults(instance: Any, schema: Mapping[str, Any]) -> None:
             _fill_defaults(instance[key], sub)
 
 
+def schema_defaults(section: str, schema_dir: str | Path = SCHEMA_DIR) -> dict[str, Any]:
+    """One config section with every default filled in from its schema file."""
+    path = Path(schema_dir) / f"{section}.schema.yaml"
+    schema = yaml.safe_load(path.read_text())
+    values: dict[str, Any] = {}
+    _fill_defaults(values, schema)
+    return values
+
+
 def _describe(error: jsonschema.ValidationError, schema: Mapping[str, Any]) -> tuple[str, str | None]:
     path = ".".join(str(p) for p in error.absolute_path) or "(top level)"
     sub = schema

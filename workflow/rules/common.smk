@@ -25,6 +25,10 @@ LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 MODELS = ["cnn", "scnn"]
 SEEDS = config["seeds"]
+SIM = f"{RESULTS}/sim"
+SIM_CTRS = config["acquisition"]["ctrs_ps"]
+SIM_JOBS = list(range(config["acquisition"]["n_jobs"]))
+SIM_BACKEND = config["acquisition"]["backend"]
 
 
 wildcard_constraints:
@@ -60,6 +64,20 @@ def brain_targets():
     )
 
 
+def simulation_targets():
+    """Final outputs of the simulation stage, for rule all."""
+    return (
+        expand(f"{SIM}/ctr{{ctr}}/coincidences.root", ctr=SIM_CTRS)
+        + expand(f"{SIM}/ctr{{ctr}}/gate", ctr=SIM_CTRS)
+        + [
+            f"{RESULTS}/tables/counts.csv",
+            f"{RESULTS}/figures/fig1_phantom.png",
+            f"{RESULTS}/phantom/activity.nii.gz",
+            f"{RESULTS}/phantom/mu.nii.gz",
+        ]
+    )
+
+
 def all_targets():
     return [
         f"{RESULTS}/tables/metrics.csv",
@@ -68,4 +86,5 @@ def all_targets():
         f"{RESULTS}/figures/radon_recon.png",
         f"{RESULTS}/figures/group_action.png",
         f"{RESULTS}/figures/generalisation.png",
+        *simulation_targets(),
     ]
