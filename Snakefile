@@ -17,6 +17,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/brain.smk"
 include: "workflow/rules/simulation.smk"
+include: "workflow/rules/reconstruction.smk"
 include: "workflow/rules/aggregate.smk"
 
 

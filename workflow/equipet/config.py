@@ -140,6 +140,17 @@ def _check_consistency(config: Mapping[str, Any], source: str) -> None:
             )
 
 
+    mlem = config.get("mlem")
+    if mlem:
+        bad = [e for e in mlem["early_iterations"] if e > mlem["iterations"]]
+        if bad:
+            raise ConfigError(
+                f"early iterations {bad} exceed iterations={mlem['iterations']}",
+                where=f"{source}: mlem.early_iterations",
+                fix="keep every early iteration <= mlem.iterations",
+            )
+
+
 def deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """Merge ``override`` into ``base`` recursively (like Snakemake's --configfile)."""
     for key, value in override.items():

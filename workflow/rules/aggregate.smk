@@ -3,7 +3,7 @@
 
 rule tables:
     input:
-        metrics=brain_targets(),
+        metrics=brain_targets() + expand(f"{RECON}/ctr{{ctr}}/metrics.csv", ctr=RECON_CTRS),
         timing=[p.replace("metrics.csv", "timing.json") for p in brain_targets()],
     output:
         metrics=f"{RESULTS}/tables/metrics.csv",

@@ -29,6 +29,9 @@ SIM = f"{RESULTS}/sim"
 SIM_CTRS = config["acquisition"]["ctrs_ps"]
 SIM_JOBS = list(range(config["acquisition"]["n_jobs"]))
 SIM_BACKEND = config["acquisition"]["backend"]
+RECON = f"{RESULTS}/recon"
+RECON_CTRS = SIM_CTRS
+MLEM_ITERATIONS = list(range(1, config["mlem"]["iterations"] + 1))
 
 
 wildcard_constraints:
@@ -78,6 +81,15 @@ def simulation_targets():
     )
 
 
+def reconstruction_targets():
+    """Final outputs of the reconstruction stage, for rule all."""
+    return (
+        [f"{RECON}/sensitivity.nii.gz"]
+        + expand(f"{RECON}/ctr{{ctr}}/mlem_it{{n}}.nii.gz", ctr=RECON_CTRS, n=MLEM_ITERATIONS)
+        + expand(f"{RECON}/ctr{{ctr}}/metrics.csv", ctr=RECON_CTRS)
+    )
+
+
 def all_targets():
     return [
         f"{RESULTS}/tables/metrics.csv",
@@ -87,4 +99,5 @@ def all_targets():
         f"{RESULTS}/figures/group_action.png",
         f"{RESULTS}/figures/generalisation.png",
         *simulation_targets(),
+        *reconstruction_targets(),
     ]
