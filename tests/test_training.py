@@ -259,3 +259,36 @@ def test_docstring_examples():
 
     result = doctest.testmod(equipet.training)
     assert result.attempted >= 4 and result.failed == 0
+
+
+def test_predict_uses_batch_statistics_and_leaves_running_stats_untouched():
+    from equipet.nets import SCNN
+    from equipet.training import predict
+
+    torch.manual_seed(0)
+    model = SCNN(group="C", order=4, fields=2)
+    x = torch.rand(1, 1, 17, 17)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    before = [m.running_mean.clone() for m in norms]
+    model.eval()
+    out = predict(model, x)
+    assert not model.training  # mode restored
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, norms))
+    with torch.no_grad():
+        model.train()
+        for m in norms:
+            m.momentum = 0.0
+        reference = model(x)
+        model.eval()
+        stale = model(x)
+    assert torch.allclose(out, reference, atol=1e-6)
+    # after 5 steps the running averages lag: eval mode is a different function
+    assert (stale - reference).abs().max() > 1e-3
+    # predict is still exactly equivariant to 90-degree rotations
+    rotated = predict(model, torch.rot90(x, 1, dims=(-2, -1)))
+    assert torch.allclose(rotated, torch.rot90(out, 1, dims=(-2, -1)), atol=1e-5)

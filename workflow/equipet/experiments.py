@@ -32,7 +32,7 @@ from equipet.brain import BrainSlices, disk_mask
 from equipet.files import atomic_path
 from equipet.metrics import image_metrics, tidy_rows
 from equipet.nets import build_model, rotate_image
-from equipet.training import ForwardModelMSELoss, MSELoss, TrainSettings, seed_everything, train
+from equipet.training import ForwardModelMSELoss, MSELoss, TrainSettings, predict, seed_everything, train
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,11 @@ def radon_problem(cfg: dict[str, Any], brain: BrainSlices, seed: int) -> Problem
 PROBLEMS = {"denoise": denoise_problem, "radon_recon": radon_problem}
 
 
-@torch.no_grad()
 def _predict(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-    """Apply the network in eval mode to a stack of (H, W) images."""
-    model.eval()
+    """Apply the trained network to each (H, W) image on its own (see :func:`training.predict`)."""
     device = next(model.parameters()).device
     x = torch.from_numpy(np.asarray(images, dtype=np.float32)).to(device)[:, None]
-    return model(x)[:, 0].cpu().numpy()
+    return np.stack([predict(model, xi[None])[0, 0].cpu().numpy() for xi in x])
 
 
 def evaluate(model: torch.nn.Module, model_name: str, problem: Problem, brain: BrainSlices,

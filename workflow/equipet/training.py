@@ -315,13 +315,34 @@ def _snapshot_path(out_dir: Path, epoch: int) -> Path:
 
 
 @torch.no_grad()
-def _eval_output(model: torch.nn.Module, net_input: torch.Tensor) -> np.ndarray:
-    model.eval()
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The network's output as trained: batch normalisation with the input's own statistics.
+
+    Every experiment fits a network to a single image, so each training step normalises
+    with that image's statistics; the running averages that eval mode would use lag behind
+    the weights (for the SCNN at epoch 50 of a denoising run they give 3x the MSE of the
+    function the loss optimised). ``predict`` evaluates the optimised function: batch-norm
+    layers in training mode with ``momentum = 0``, so their running statistics are left
+    untouched. Both networks stay equivariant: the statistics of a rotated image are those
+    of the image.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.train()
     try:
-        out = model(net_input)
+        for m in norms:
+            m.momentum = 0.0
+        return model(x)
     finally:
-        model.train()
-    return out[0, 0].detach().to("cpu", torch.float32).numpy().copy()
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+
+
+def _eval_output(model: torch.nn.Module, net_input: torch.Tensor) -> np.ndarray:
+    return predict(model, net_input)[0, 0].to("cpu", torch.float32).numpy().copy()
 
 
 def _load_checkpoint(path: Path, fingerprint: dict[str, Any], settings: TrainSettings) -> dict[str, Any]:
