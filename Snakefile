@@ -18,6 +18,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/brain.smk"
 include: "workflow/rules/simulation.smk"
 include: "workflow/rules/reconstruction.smk"
+include: "workflow/rules/assisted.smk"
 include: "workflow/rules/aggregate.smk"
 
 

@@ -127,7 +127,7 @@ def validate(config: dict[str, Any], source: str = "config", schema: Mapping[str
 
 def _check_consistency(config: Mapping[str, Any], source: str) -> None:
     """Cross-key rules that a JSON schema cannot express."""
-    for section in ("denoise", "radon_recon"):
+    for section in ("denoise", "radon_recon", "assisted"):
         sec = config.get(section)
         if not sec:
             continue
@@ -148,6 +148,23 @@ def _check_consistency(config: Mapping[str, Any], source: str) -> None:
                 f"early iterations {bad} exceed iterations={mlem['iterations']}",
                 where=f"{source}: mlem.early_iterations",
                 fix="keep every early iteration <= mlem.iterations",
+            )
+    assisted = config.get("assisted")
+    if mlem and assisted:
+        if assisted["early_iterations"] not in mlem["early_iterations"]:
+            raise ConfigError(
+                f"assisted.early_iterations={assisted['early_iterations']} is not one of "
+                f"mlem.early_iterations={mlem['early_iterations']}",
+                where=f"{source}: assisted.early_iterations",
+                fix="use one of mlem.early_iterations, or add it there",
+            )
+        target = assisted["image_target_iterations"]
+        if target is not None and target > mlem["iterations"]:
+            raise ConfigError(
+                f"assisted.image_target_iterations={assisted['image_target_iterations']} exceeds "
+                f"mlem.iterations={mlem['iterations']}",
+                where=f"{source}: assisted.image_target_iterations",
+                fix="keep it <= mlem.iterations",
             )
 
 

@@ -42,9 +42,9 @@ def collect_losses(run_dirs: Sequence[Path]) -> pd.DataFrame:
     """Loss curves of several runs as one tidy frame (model, seed, epoch, loss, wall_time_s)."""
     frames = []
     for d in run_dirs:
-        df = _read_csv(d / "loss.csv")
-        df["model"] = d.parent.name
-        df["seed"] = int(d.name.removeprefix("seed"))
+        df = _read_csv(Path(d) / "loss.csv")
+        for key, value in run_labels(Path(d)).items():
+            df[key] = value
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
@@ -134,6 +134,26 @@ def generalisation_figure(metrics: pd.DataFrame, out: Path) -> None:
     _save(grid.figure, out)
 
 
+def run_labels(run_dir: Path) -> dict[str, object]:
+    """Experiment, model, seed (and CTR) of a run directory.
+
+    Runs live in ``<results>/<experiment>/[ctr<CTR>/]<model>/seed<N>``.
+
+    >>> run_labels(Path("results/assisted/ctr100/scnn/seed2"))
+    {'experiment': 'assisted', 'model': 'scnn', 'seed': 2, 'ctr_ps': 100.0}
+    >>> run_labels(Path("results/denoise/cnn/seed0"))
+    {'experiment': 'denoise', 'model': 'cnn', 'seed': 0}
+    """
+    run_dir = Path(run_dir)
+    labels: dict[str, object] = {"model": run_dir.parent.name,
+                                 "seed": int(run_dir.name.removeprefix("seed"))}
+    above = run_dir.parent.parent
+    if above.name.startswith("ctr"):
+        labels["ctr_ps"] = float(above.name.removeprefix("ctr"))
+        above = above.parent
+    return {"experiment": above.name, **labels}
+
+
 def gather_tables(metric_files: Sequence[Path], timing_files: Sequence[Path],
                   metrics_out: Path, timing_out: Path) -> pd.DataFrame:
     """Concatenate per-run metrics into the tidy ``metrics.csv``; timings into ``timing.csv``."""
@@ -148,8 +168,7 @@ def gather_tables(metric_files: Sequence[Path], timing_files: Sequence[Path],
         except (OSError, json.JSONDecodeError) as exc:
             raise InputDataError(f"cannot read timing ({exc})", where=str(f),
                                  fix="rerun the training rule that writes it") from exc
-        rows.append({"experiment": f.parents[2].name, "model": f.parents[1].name,
-                     "seed": int(f.parent.name.removeprefix("seed")), **t})
+        rows.append({**run_labels(f.parent), **t})
     with atomic_path(timing_out) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     return metrics

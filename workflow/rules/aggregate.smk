@@ -3,8 +3,10 @@
 
 rule tables:
     input:
-        metrics=brain_targets() + expand(f"{RECON}/ctr{{ctr}}/metrics.csv", ctr=RECON_CTRS),
-        timing=[p.replace("metrics.csv", "timing.json") for p in brain_targets()],
+        metrics=brain_targets()
+        + expand(f"{RECON}/ctr{{ctr}}/metrics.csv", ctr=RECON_CTRS)
+        + assisted_metric_files(),
+        timing=[f"{d}/timing.json" for d in brain_run_dirs() + assisted_run_dirs()],
     output:
         metrics=f"{RESULTS}/tables/metrics.csv",
         timing=report(

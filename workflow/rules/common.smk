@@ -32,6 +32,9 @@ SIM_BACKEND = config["acquisition"]["backend"]
 RECON = f"{RESULTS}/recon"
 RECON_CTRS = SIM_CTRS
 MLEM_ITERATIONS = list(range(1, config["mlem"]["iterations"] + 1))
+ASSISTED = f"{RESULTS}/assisted"
+ASSISTED_CTRS = SIM_CTRS
+ASSISTED_MLEM_ITERATIONS = MLEM_ITERATIONS
 
 
 wildcard_constraints:
@@ -90,6 +93,35 @@ def reconstruction_targets():
     )
 
 
+def assisted_run_dirs(ctr=None):
+    """Run directories results/assisted/ctr{ctr}/{model}/seed{seed} (all CTRs when ctr is None)."""
+    ctrs = ASSISTED_CTRS if ctr is None else [ctr]
+    return expand(f"{ASSISTED}/ctr{{ctr}}/{{model}}/seed{{seed}}", ctr=ctrs, model=MODELS, seed=SEEDS)
+
+
+def assisted_metric_files():
+    """Per-run assisted metrics and the per-CTR baselines (tidy; for the tables rule too)."""
+    return [f"{d}/metrics.csv" for d in assisted_run_dirs()] + expand(
+        f"{ASSISTED}/ctr{{ctr}}/baselines.csv", ctr=ASSISTED_CTRS
+    )
+
+
+def brain_run_dirs():
+    return [str(Path(p).parent) for p in brain_targets()]
+
+
+def assisted_targets():
+    """Final outputs of the assisted-reconstruction stage, for rule all."""
+    return (
+        expand(f"{RESULTS}/figures/assisted_ctr{{ctr}}.png", ctr=ASSISTED_CTRS)
+        + expand(f"{RESULTS}/tables/assisted_summary_ctr{{ctr}}.csv", ctr=ASSISTED_CTRS)
+        + [
+            f"{RESULTS}/figures/assisted_crc.png",
+            f"{RESULTS}/tables/paper_claims.csv",
+        ]
+    )
+
+
 def all_targets():
     return [
         f"{RESULTS}/tables/metrics.csv",
@@ -100,4 +132,5 @@ def all_targets():
         f"{RESULTS}/figures/generalisation.png",
         *simulation_targets(),
         *reconstruction_targets(),
+        *assisted_targets(),
     ]

@@ -1,0 +1,339 @@
+"""The central axial slice of one acquisition: network input, truth, baselines and its data.
+
+Paper III-C trains the networks on "a single central slice of the MLEM-reconstructed image"
+after two MLEM iterations. :func:`extract_slice` gathers everything the assisted training
+and its evaluation need for one CTR into one ``slice.npz``:
+
+* the slab of MLEM voxels ``k0 .. k0 + n - 1`` (``n = assisted.slice_voxels``, ``k0`` from
+  ``assisted.slice_index``, default the central ``nz // 2``) averaged into one slice, for
+  every MLEM iteration (``mlem``, ``(n_it, nx, ny)``; the early one is the network input);
+* the phantom's ground truth on the same slab (``truth``, Bq/mL);
+* the *slice geometry*: an :class:`~equipet.projector.ImageGeometry` of shape
+  ``(nx, ny, 1)`` whose single voxel layer has thickness ``n * voxel`` and is centred on the
+  slab. For ``n = 1`` the single-slice Joseph TOF projector on it is *exactly* the 3-D
+  projector applied to an image that is zero outside slice ``k0`` (same dominant axes,
+  planes and interpolation weights; ``tests/test_central_slice.py``);
+* the measured events of that slice: the list-mode events whose LOR (with the
+  projector's one-voxel interpolation halo) crosses the slab box, and whose single-slice
+  projection of a uniform image is non-zero (the others do not depend on the slice);
+  optionally a uniform random subset of ``max_events`` of them, whose fraction
+  ``event_fraction`` scales the sensitivity term of the likelihood;
+* ``background``: for each kept event the contribution of the activity *outside* the slab,
+  ``b_e = [A_3D x_MLEM^{last}]_e`` with the slab zeroed (``assisted.out_of_slice``), so that
+  the slice's expected event density is ``(A_slice x)_e + b_e``;
+* ``sensitivity``: the slab's sum of the 3-D sensitivity image (for ``n = 1`` exactly the
+  sensitivity of the single-slice model);
+* with ``assisted.loss = l2``: Monte Carlo LORs ``mc_p1, mc_p2, mc_tof`` (uniform crystal
+  pairs crossing the slab, uniform TOF offsets on ``[-T/2, T/2]``), their out-of-slab term
+  ``mc_background`` and the measure ``mc_weight`` of each sample, for the quadratic term
+  of the least-squares loss (:class:`equipet.assisted.ListmodeLeastSquaresLoss`), and the
+  attenuation factors ``eta``, ``mc_eta`` (``exp(-int mu)`` along each LOR) that the squared
+  error needs (in the Poisson likelihood a per-event factor cancels, as in MLEM).
+
+``equipet-central-slice`` also scores the MLEM-only baselines a physicist would use without a
+network (``baselines.csv``): MLEM at the early iteration, at its best iteration (lowest
+NRMSE against the truth, an oracle choice) and that iteration with the Gaussian post-filter
+(FWHM from ``assisted.metrics.gauss_fwhm_mm``) of lowest NRMSE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from equipet import cli
+from equipet.errors import ConfigError, InputDataError
+from equipet.files import atomic_path
+from equipet.projector import ImageGeometry, ListmodeTOFProjector, tof_fwhm_mm
+
+log = logging.getLogger("equipet.central_slice")
+
+FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+def slab_range(nz: int, slice_index: int | None, slice_voxels: int) -> tuple[int, int]:
+    """``(k0, k1)``: the slab of MLEM planes ``k0 <= k < k1`` averaged into the slice.
+
+    >>> slab_range(8, None, 1), slab_range(8, None, 3), slab_range(16, 2, 1)
+    ((4, 5), (3, 6), (2, 3))
+    """
+    centre = nz // 2 if slice_index is None else int(slice_index)
+    k0 = centre - slice_voxels // 2
+    k1 = k0 + slice_voxels
+    if k0 < 0 or k1 > nz:
+        raise ConfigError(f"slab {k0}..{k1 - 1} is outside the {nz} image planes",
+                          where="assisted.slice_index / assisted.slice_voxels",
+                          fix=f"choose slice_index and slice_voxels within 0..{nz - 1}")
+    return k0, k1
+
+
+def slice_geometry(geometry: ImageGeometry, k0: int, k1: int) -> ImageGeometry:
+    """Single-layer geometry ``(nx, ny, 1)`` covering planes ``k0 .. k1 - 1`` of ``geometry``."""
+    vz = geometry.voxel_size_mm[2]
+    z_centre = geometry.origin_mm[2] + vz * (k0 + k1 - 1) / 2.0
+    return ImageGeometry((geometry.shape[0], geometry.shape[1], 1),
+                         (geometry.voxel_size_mm[0], geometry.voxel_size_mm[1], vz * (k1 - k0)),
+                         (geometry.origin_mm[0], geometry.origin_mm[1], z_centre))
+
+
+def lors_crossing(p1: np.ndarray, p2: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
+    """Whether each LOR crosses ``geometry``'s box with its one-voxel interpolation halo."""
+    from equipet.mlem import lor_hits_box
+
+    org = np.asarray(geometry.origin_mm)
+    vox = np.asarray(geometry.voxel_size_mm)
+    n = np.asarray(geometry.shape)
+    return lor_hits_box(np.asarray(p1, np.float64), np.asarray(p2, np.float64), org - vox, org + n * vox)
+
+
+def out_of_slab_projection(image3d: np.ndarray, geometry: ImageGeometry, k0: int, k1: int,
+                           p1: np.ndarray, p2: np.ndarray, tof: np.ndarray | None, fwhm_mm: float | None,
+                           truncation_sigma: float, chunk_size: int) -> np.ndarray:
+    """``A_3D x`` for the given LORs with planes ``k0 .. k1 - 1`` of ``x`` zeroed."""
+    x = torch.as_tensor(np.asarray(image3d, dtype=np.float32)).clone()
+    x[:, :, k0:k1] = 0
+    proj = ListmodeTOFProjector(geometry, torch.as_tensor(p1, dtype=torch.float32),
+                                torch.as_tensor(p2, dtype=torch.float32),
+                                None if tof is None else torch.as_tensor(tof, dtype=torch.float32),
+                                fwhm_mm, truncation_sigma, chunk_size)
+    with torch.no_grad():
+        return proj.apply(x).numpy().astype(np.float32)
+
+
+def sample_slice_lors(scanner: Any, geometry2d: ImageGeometry, n_lors: int, tof_range_mm: float,
+                      rng: np.random.Generator, block: int = 1 << 20,
+                      max_draws: int = 2_000_000_000) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Uniform Monte Carlo samples of (LOR, TOF offset) space restricted to LORs crossing the slab.
+
+    Ordered crystal pairs ``(i, j)`` are drawn uniformly from all ``N^2`` pairs and kept when
+    their LOR crosses the slab box; TOF offsets are uniform on ``[-T/2, T/2]``. Returns
+    ``p1, p2, tof, weight`` where ``weight = N^2 / 2 * T / n_draws`` is the measure each sample
+    stands for, so that ``sum_samples w f(L, tau)`` estimates ``sum_{unordered LORs} int f dtau``.
+    """
+    centres = scanner.all_crystal_centres_mm()
+    n_cry = len(centres)
+    kept1, kept2, drawn, n_kept = [], [], 0, 0
+    while n_kept < n_lors and drawn < max_draws:
+        i = rng.integers(0, n_cry, block)
+        j = rng.integers(0, n_cry, block)
+        drawn += block
+        hit = (i != j) & lors_crossing(centres[i], centres[j], geometry2d)
+        kept1.append(centres[i[hit]])
+        kept2.append(centres[j[hit]])
+        n_kept += int(hit.sum())
+    p1 = np.concatenate(kept1)[:n_lors]
+    p2 = np.concatenate(kept2)[:n_lors]
+    # the draws beyond the n_lors-th kept sample are not counted: rescale by the kept fraction used
+    used_draws = drawn * len(p1) / max(n_kept, 1)
+    tof = rng.uniform(-tof_range_mm / 2.0, tof_range_mm / 2.0, len(p1))
+    weight = n_cry * float(n_cry) / 2.0 * tof_range_mm / used_draws
+    return p1.astype(np.float32), p2.astype(np.float32), tof.astype(np.float32), float(weight)
+
+
+def attenuation_factors(cfg: Mapping[str, Any], p1: np.ndarray, p2: np.ndarray, chunk_size: int) -> np.ndarray:
+    """``eta = exp(-int mu)`` along each LOR through the phantom's mu-map (ones without ``mlem.attenuation``)."""
+    if not cfg["mlem"]["attenuation"]:
+        return np.ones(len(p1), np.float32)
+    from equipet.mlem import phantom_mu_map
+
+    mu, mu_geom = phantom_mu_map(cfg["phantom"], cfg["mlem"]["voxel_size_mm"])
+    proj = ListmodeTOFProjector(mu_geom, torch.as_tensor(p1, dtype=torch.float32),
+                                torch.as_tensor(p2, dtype=torch.float32), chunk_size=chunk_size)
+    with torch.no_grad():
+        return torch.exp(-proj.apply(torch.as_tensor(mu, dtype=torch.float32))).numpy().astype(np.float32)
+
+
+def _iteration_files(mlem_dir: Path) -> dict[int, Path]:
+    files = {}
+    for path in mlem_dir.glob("mlem_it*.nii*"):
+        m = re.search(r"mlem_it(\d+)\.nii", path.name)
+        if m:
+            files[int(m.group(1))] = path
+    if not files:
+        raise InputDataError("no mlem_it{n}.nii.gz images", where=str(mlem_dir),
+                             fix="run the mlem rule for this CTR first")
+    return dict(sorted(files.items()))
+
+
+def _load_nifti(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    import nibabel as nib
+
+    data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    if data.shape != tuple(shape):
+        raise InputDataError(f"image grid {data.shape} differs from the mlem grid {tuple(shape)}",
+                             where=str(path), fix="rerun the reconstruction with the current mlem settings")
+    return data
+
+
+def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path, coincidences: Path,
+                  ctr_ps: float) -> dict[str, np.ndarray]:
+    """Everything the assisted training of one CTR needs (module doc), as a dict of arrays."""
+    from equipet.listmode import read_listmode
+    from equipet.mlem import chunk_events, image_geometry
+    from equipet.phantom import hot_rod_phantom
+    from equipet.scanner import Scanner
+
+    sec, mlem = cfg["assisted"], cfg["mlem"]
+    geom = image_geometry(mlem)
+    k0, k1 = slab_range(geom.shape[2], sec["slice_index"], sec["slice_voxels"])
+    g2 = slice_geometry(geom, k0, k1)
+    files = _iteration_files(mlem_dir)
+    if sec["early_iterations"] not in files:
+        raise ConfigError(f"no MLEM image for iteration {sec['early_iterations']} in {mlem_dir}",
+                          where="assisted.early_iterations", fix="keep it <= mlem.iterations")
+    iterations = np.asarray(list(files))
+    volumes = {it: _load_nifti(p, geom.shape) for it, p in files.items()}
+    stack = np.stack([volumes[it][:, :, k0:k1].mean(axis=2) for it in iterations]).astype(np.float32)
+    last = volumes[int(iterations[-1])]
+
+    ph = hot_rod_phantom(cfg["phantom"])
+    truth = ph.voxelise(geom.voxel_size_mm[0], shape=geom.shape).activity_bq_per_ml[:, :, k0:k1].mean(axis=2)
+
+    sens3d = _load_nifti(sensitivity_path, geom.shape)
+    sensitivity = sens3d[:, :, k0:k1].sum(axis=2).astype(np.float32)
+
+    scanner = Scanner.from_config(cfg["scanner"])
+    window = tuple(mlem["energy_window_kev"]) if mlem.get("energy_window_kev") else None
+    ev = read_listmode(coincidences, scanner, mlem["events"], mlem["lor_endpoints"], window, mlem["read_step_size"])
+    n_total = len(ev)
+    ev = ev.subset(lors_crossing(ev.p1_mm, ev.p2_mm, g2))
+    fwhm = tof_fwhm_mm(ctr_ps) if mlem["tof"] else None
+    tof = ev.tof_mm if mlem["tof"] else None
+    chunk = chunk_events(mlem, torch.device("cpu"))
+    # events whose single-slice projection of a uniform image vanishes do not depend on the slice
+    proj = ListmodeTOFProjector(g2, *(torch.as_tensor(a) for a in (ev.p1_mm, ev.p2_mm)),
+                                None if tof is None else torch.as_tensor(tof), fwhm,
+                                mlem["tof_truncation_sigma"], chunk)
+    with torch.no_grad():
+        reach = proj.apply(torch.ones(g2.shape)).numpy() > 0
+    ev = ev.subset(reach)
+    n_crossing = len(ev)
+    rng = np.random.default_rng(sec["event_seed"])
+    if sec["max_events"] is not None and n_crossing > sec["max_events"]:
+        keep = np.sort(rng.choice(n_crossing, sec["max_events"], replace=False))
+        ev = ev.subset(keep)
+    fraction = len(ev) / max(n_crossing, 1)
+    if len(ev) == 0:
+        raise InputDataError("no event crosses the slice", where=str(coincidences),
+                             fix="check assisted.slice_index and the acquisition")
+    tof = ev.tof_mm if mlem["tof"] else None
+    if sec["out_of_slice"]:
+        background = out_of_slab_projection(last, geom, k0, k1, ev.p1_mm, ev.p2_mm, tof, fwhm,
+                                            mlem["tof_truncation_sigma"], chunk)
+    else:
+        background = np.zeros(len(ev), np.float32)
+    log.info("ctr %g ps: slab planes %d..%d (z = %.2f mm, %.2f mm thick); %d of %d events cross it, %d kept",
+             ctr_ps, k0, k1 - 1, g2.origin_mm[2], g2.voxel_size_mm[2], n_crossing, n_total, len(ev))
+    out: dict[str, np.ndarray] = {
+        "iterations": iterations, "mlem": stack,
+        "early": stack[list(iterations).index(sec["early_iterations"])],
+        "early_iteration": np.asarray(sec["early_iterations"]),
+        "truth": truth.astype(np.float32), "sensitivity": sensitivity,
+        "p1": ev.p1_mm.astype(np.float32), "p2": ev.p2_mm.astype(np.float32),
+        "tof": ev.tof_mm.astype(np.float32), "background": background,
+        "event_fraction": np.asarray(fraction), "n_events_crossing": np.asarray(n_crossing),
+        "n_events_total": np.asarray(n_total), "ctr_ps": np.asarray(float(ctr_ps)),
+        "tof_fwhm_mm": np.asarray(np.nan if fwhm is None else fwhm),
+        "tof_truncation_sigma": np.asarray(mlem["tof_truncation_sigma"]),
+        "geometry_shape": np.asarray(g2.shape), "geometry_voxel_mm": np.asarray(g2.voxel_size_mm),
+        "geometry_origin_mm": np.asarray(g2.origin_mm), "slab": np.asarray([k0, k1]),
+    }
+    if sec["loss"] == "l2":
+        radius = float(np.hypot(*np.asarray(g2.extent_mm[:2]) / 2.0))
+        t_range = 2 * radius + (2 * mlem["tof_truncation_sigma"] * fwhm * FWHM_TO_SIGMA if fwhm else 0.0)
+        mp1, mp2, mtof, w = sample_slice_lors(scanner, g2, sec["l2_mc_lors"], t_range, rng)
+        out.update(mc_p1=mp1, mc_p2=mp2, mc_tof=mtof, mc_weight=np.asarray(w * fraction))
+        out["mc_background"] = (out_of_slab_projection(last, geom, k0, k1, mp1, mp2, mtof if fwhm else None, fwhm,
+                                                       mlem["tof_truncation_sigma"], chunk)
+                                if sec["out_of_slice"] else np.zeros(len(mp1), np.float32))
+        out["eta"] = attenuation_factors(cfg, ev.p1_mm, ev.p2_mm, chunk)
+        out["mc_eta"] = attenuation_factors(cfg, mp1, mp2, chunk)
+    return out
+
+
+def geometry_from_npz(data: Mapping[str, np.ndarray]) -> ImageGeometry:
+    """The slice geometry stored in ``slice.npz``."""
+    return ImageGeometry(tuple(int(v) for v in data["geometry_shape"]),
+                         tuple(float(v) for v in data["geometry_voxel_mm"]),
+                         tuple(float(v) for v in data["geometry_origin_mm"]))
+
+
+def gaussian_filter_mm(image: np.ndarray, fwhm_mm: float, voxel_mm: float) -> np.ndarray:
+    """2-D Gaussian post-filter of FWHM ``fwhm_mm``."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(np.asarray(image, np.float64), fwhm_mm * FWHM_TO_SIGMA / voxel_mm, mode="nearest")
+
+
+def baseline_images(data: Mapping[str, np.ndarray], scorer: Any, gauss_fwhm_mm: Sequence[float]) -> dict[str, Any]:
+    """The MLEM-only baselines (module doc): ``{name: (iteration, fwhm_mm or 0, image)}``."""
+    its = [int(i) for i in data["iterations"]]
+    early = int(data["early_iteration"])
+    nrmse = [scorer.score(img)["nrmse"] for img in data["mlem"]]
+    best = int(np.nanargmin(nrmse))
+    voxel = float(data["geometry_voxel_mm"][0])
+    filtered = [(f, gaussian_filter_mm(data["mlem"][best], f, voxel)) for f in gauss_fwhm_mm]
+    f_best, img_best = min(filtered, key=lambda fi: scorer.score(fi[1])["nrmse"])
+    return {
+        "mlem_early": (early, 0.0, data["mlem"][its.index(early)]),
+        "mlem_best": (its[best], 0.0, data["mlem"][best]),
+        "mlem_best_gauss": (its[best], float(f_best), img_best),
+    }
+
+
+def baseline_rows(cfg: Mapping[str, Any], data: Mapping[str, np.ndarray]) -> tuple[list[dict[str, Any]], dict]:
+    """Tidy metric rows of the baselines (``experiment=assisted``, ``model=mlem_*``, ``seed=0``,
+    ``epoch`` = the MLEM iteration, ``split=baseline``) and the images."""
+    from equipet.rod_metrics import SliceScorer
+
+    g2 = geometry_from_npz(data)
+    scorer = SliceScorer(cfg["phantom"], g2, data["truth"], cfg["mlem"]["metrics"], cfg["assisted"]["metrics"])
+    images = baseline_images(data, scorer, cfg["assisted"]["metrics"]["gauss_fwhm_mm"])
+    rows: list[dict[str, Any]] = []
+    ctr = float(data["ctr_ps"])
+    for name, (it, fwhm, img) in images.items():
+        rows += scorer.tidy(scorer.score(img), experiment="assisted", model=name, seed=0, epoch=it,
+                            ctr_ps=ctr, split="baseline", filter_fwhm_mm=fwhm)
+    for it, img in zip(data["iterations"], data["mlem"]):   # every iteration, for the curves
+        rows += scorer.tidy(scorer.score(img), experiment="assisted", model="mlem", seed=0, epoch=int(it),
+                            ctr_ps=ctr, split="mlem_iteration", filter_fwhm_mm=0.0)
+    return rows, images
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``equipet-central-slice``: the central slice, its events and the MLEM baselines of one CTR."""
+    cli.run(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> None:
+    import pandas as pd
+
+    p = argparse.ArgumentParser(prog="equipet-central-slice", description=main.__doc__)
+    cli.add_common_arguments(p)
+    p.add_argument("--mlem-dir", type=Path, required=True, help="directory with mlem_it{n}.nii.gz")
+    p.add_argument("--sensitivity", type=Path, required=True, help="sensitivity.nii.gz of equipet-sensitivity")
+    p.add_argument("--coincidences", type=Path, required=True, help="GATE ROOT file of this CTR")
+    p.add_argument("--ctr-ps", type=float, required=True)
+    p.add_argument("--out", type=Path, required=True, help="slice.npz")
+    p.add_argument("--baselines-out", type=Path, required=True, help="tidy CSV of the MLEM baselines")
+    args = p.parse_args(argv)
+    cli.setup_logging(args.log)
+    cfg = cli.settings_from_args(args)
+    data = extract_slice(cfg, args.mlem_dir, args.sensitivity, args.coincidences, args.ctr_ps)
+    rows, images = baseline_rows(cfg, data)
+    data.update({f"baseline_{k}": v[2].astype(np.float32) for k, v in images.items()})
+    data.update({f"baseline_{k}_iteration": np.asarray(v[0]) for k, v in images.items()})
+    data.update({f"baseline_{k}_fwhm_mm": np.asarray(v[1]) for k, v in images.items()})
+    with atomic_path(args.out) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **data)
+    with atomic_path(args.baselines_out) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    log.info("wrote %s (%d events) and %s", args.out, len(data["tof"]), args.baselines_out)

@@ -1,0 +1,165 @@
+# SCNN- and CNN-assisted reconstruction of the central slice (paper III-C, Fig. 4-5), its
+# metrics against the phantom truth next to MLEM-only baselines, and the paper-claims table.
+#
+#   central_slice:   per CTR, the early-MLEM central slice, its truth, every MLEM iteration's
+#                    slice, the list-mode events crossing it (+ out-of-slice term) and the
+#                    MLEM baselines' metrics (baselines.csv)
+#   assisted_train:  per CTR, model and seed (GPU when there is one)
+#   assisted_figure / assisted_crc_figure / assisted_summary / paper_claims: aggregation
+#
+# Needs the rules of workflow/rules/reconstruction.smk (mlem, sensitivity) and of
+# simulation.smk (coincidences.root); include this file after them.
+
+rule central_slice:
+    input:
+        images=expand(
+            f"{RESULTS}/recon/ctr{{{{ctr}}}}/mlem_it{{n}}.nii.gz", n=ASSISTED_MLEM_ITERATIONS
+        ),
+        sensitivity=f"{RESULTS}/recon/sensitivity.nii.gz",
+        root=f"{RESULTS}/sim/ctr{{ctr}}/coincidences.root",
+    output:
+        slice=f"{ASSISTED}/ctr{{ctr}}/slice.npz",
+        baselines=f"{ASSISTED}/ctr{{ctr}}/baselines.csv",
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/assisted/central_slice_ctr{{ctr}}.log",
+    benchmark:
+        f"{BENCH}/assisted/central_slice_ctr{{ctr}}.tsv"
+    params:
+        settings=settings("scanner", "phantom", "mlem", "assisted"),
+        mlem_dir=lambda w, input: str(Path(input.images[0]).parent),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "equipet-central-slice --settings {params.settings:q} --mlem-dir {params.mlem_dir} "
+        "--sensitivity {input.sensitivity} --coincidences {input.root} --ctr-ps {wildcards.ctr} "
+        "--out {output.slice} --baselines-out {output.baselines} --log {log}"
+
+
+rule assisted_train:
+    input:
+        slice=f"{ASSISTED}/ctr{{ctr}}/slice.npz",
+    output:
+        metrics=f"{ASSISTED}/ctr{{ctr}}/{{model}}/seed{{seed}}/metrics.csv",
+        loss=f"{ASSISTED}/ctr{{ctr}}/{{model}}/seed{{seed}}/loss.csv",
+        timing=f"{ASSISTED}/ctr{{ctr}}/{{model}}/seed{{seed}}/timing.json",
+        images=f"{ASSISTED}/ctr{{ctr}}/{{model}}/seed{{seed}}/eval.npz",
+        summary=f"{ASSISTED}/ctr{{ctr}}/{{model}}/seed{{seed}}/summary.json",
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/assisted/ctr{{ctr}}_{{model}}_seed{{seed}}.log",
+    benchmark:
+        f"{BENCH}/assisted/ctr{{ctr}}_{{model}}_seed{{seed}}.tsv"
+    params:
+        settings=settings("assisted", "models", "training", "phantom", "mlem"),
+        out_dir=lambda w, output: str(Path(output.metrics).parent),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=720,
+        gpu=1,
+    shell:
+        "equipet-assisted --settings {params.settings:q} --slice {input.slice} "
+        "--model {wildcards.model} --seed {wildcards.seed} --out-dir {params.out_dir} --log {log}"
+
+
+rule assisted_figure:
+    input:
+        slice=f"{ASSISTED}/ctr{{ctr}}/slice.npz",
+        runs=lambda w: [f"{d}/{f}" for d in assisted_run_dirs(w.ctr) for f in ("eval.npz", "loss.csv")],
+    output:
+        report(
+            f"{RESULTS}/figures/assisted_ctr{{ctr}}.png",
+            caption="../report/assisted_figure.rst",
+            category="Assisted reconstruction",
+            subcategory="CTR {ctr} ps",
+        ),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/figures/assisted_ctr{{ctr}}.log",
+    params:
+        settings=settings("phantom"),
+        runs=lambda w: assisted_run_dirs(w.ctr),
+    localrule: True
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    shell:
+        "equipet-recon-figures assisted --settings {params.settings:q} --slice {input.slice} "
+        "--runs {params.runs} --out {output} --log {log}"
+
+
+rule assisted_crc_figure:
+    input:
+        assisted_metric_files(),
+    output:
+        report(
+            f"{RESULTS}/figures/assisted_crc.png",
+            caption="../report/assisted_crc.rst",
+            category="Assisted reconstruction",
+        ),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/figures/assisted_crc.log",
+    localrule: True
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    shell:
+        "equipet-recon-figures crc --metrics {input} --out {output} --log {log}"
+
+
+rule assisted_summary:
+    input:
+        lambda w: [f"{d}/metrics.csv" for d in assisted_run_dirs(w.ctr)]
+        + [f"{ASSISTED}/ctr{w.ctr}/baselines.csv"],
+    output:
+        report(
+            f"{RESULTS}/tables/assisted_summary_ctr{{ctr}}.csv",
+            caption="../report/assisted_summary.rst",
+            category="Assisted reconstruction",
+            subcategory="CTR {ctr} ps",
+        ),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/tables/assisted_summary_ctr{{ctr}}.log",
+    localrule: True
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "equipet-recon-figures summary --metrics {input} --ctr-ps {wildcards.ctr} --out {output} --log {log}"
+
+
+rule paper_claims:
+    input:
+        metrics=assisted_metric_files(),
+        runs=[f"{d}/{f}" for d in brain_run_dirs() + assisted_run_dirs() for f in ("loss.csv", "timing.json")],
+        mlem_timing=expand(f"{RESULTS}/recon/ctr{{ctr}}/timing.json", ctr=ASSISTED_CTRS),
+    output:
+        report(
+            f"{RESULTS}/tables/paper_claims.csv",
+            caption="../report/paper_claims.rst",
+            category="Tables",
+        ),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/tables/paper_claims.log",
+    params:
+        settings=settings("assisted"),
+        runs=brain_run_dirs() + assisted_run_dirs(),
+    localrule: True
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "equipet-claims --settings {params.settings:q} --metrics {input.metrics} --runs {params.runs} "
+        "--mlem-timing {input.mlem_timing} --out {output} --log {log}"
