@@ -125,8 +125,9 @@ def test_scnn_model_pt_loads_into_a_fresh_scnn(tmp_path):
     result = train(make("scnn"), noisy, MSELoss(clean), settings(epochs=3, snapshots=[3]), tmp_path)
     fresh = make("scnn", seed=7)
     fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
-    with torch.no_grad():
-        assert np.allclose(fresh.eval()(noisy)[0, 0].numpy(), result.snapshots[3], atol=1e-5)
+    from equipet.training import predict
+
+    assert np.allclose(predict(fresh, noisy)[0, 0].numpy(), result.snapshots[3], atol=1e-5)
 
 
 # ------------------------------------------------------------------ resume
