@@ -7,7 +7,6 @@ resources/ of the developer's tree.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import copy_checkout
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-COPY = ["Snakefile", "workflow", "config", "envs"]
 
 
 def _snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
@@ -27,14 +26,8 @@ def _snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.Com
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, repo) -> Path:
-    dst = tmp_path_factory.mktemp("equipet")
-    for name in COPY:
-        src = repo / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, dst / name)
+def workdir(tmp_path_factory) -> Path:
+    dst = copy_checkout(tmp_path_factory.mktemp("equipet"))
     (dst / "results").mkdir()
     return dst
 

@@ -1,0 +1,440 @@
+"""The workflow on a real (one-node, loopback) SLURM cluster, with the SLURM profile.
+
+A session fixture installs (apt-get, when missing and root) and starts Debian's munge,
+slurmctld and slurmd through workflow/slurm/local_cluster.sh, in a private directory with
+its own slurm.conf (SLURM_CONF), and stops them at the end. The tests skip -- saying why --
+only when SLURM cannot be installed or run here (not root and no passwordless sudo, or no
+apt-get); any other failure to start the cluster fails them.
+
+1. The quick config runs with ``--profile workflow/profiles/slurm`` (executor slurm). Every
+   job Snakemake did not run locally went through sbatch (an sbatch wrapper first on PATH
+   records each call) and ran as a SLURM job (``squeue --states=all``, rule in the job
+   comment) that COMPLETED; no local rule was submitted; the jobs per rule are those of the
+   dry run. Every CSV output equals that of a local run of the same config within RTOL
+   (the CPU training is deterministic per seed), and the same files are written.
+2. Fault: a training job is killed mid-run with ``scancel``. With ``--retries 0`` the run
+   fails and leaves none of its outputs; the documented command then reruns it, the job is
+   killed again, resubmitted by the profile's ``retries: 1``, and completes with the
+   local run's numbers.
+
+The test cluster has no GPU: ``sbatch --gpus=1`` is refused there ("Invalid generic
+resource"), so the runs add ``--set-resources <rule>:gpu=0`` for every rule that requests
+one (and cap ``mem_mb`` at the node's memory); the profile and the rules keep ``gpu: 1``.
+It has no accounting database either, so job status comes from ``squeue``
+(``--slurm-status-command squeue``; the cluster keeps finished jobs for an hour).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import copy_checkout
+
+pytestmark = [pytest.mark.slurm, pytest.mark.workflow, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "workflow" / "slurm" / "local_cluster.sh"
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+QUICK = ["--configfile", "config/quick.yaml"]
+# The metrics of a SLURM run and a local run must agree to this (relative and absolute)
+# tolerance. Same code, same seeds, same CPU and thread count: in practice they are equal.
+RTOL = 1e-6
+ATOL = 1e-9
+# The training run the fault test kills.
+FAULT_RUN = "radon_recon/scnn/seed1"
+
+
+def _free_port_pair() -> int:
+    for port in range(16817, 17817, 2):
+        try:
+            for p in (port, port + 1):
+                with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for slurmctld/slurmd")
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory) -> dict:
+    """Start the local cluster; yield the environment for snakemake and the SLURM clients."""
+    state = tmp_path_factory.mktemp("slurm")
+    env = dict(os.environ, EQUIPET_SLURM_DIR=str(state), EQUIPET_SLURM_PORT=str(_free_port_pair()))
+    proc = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode == 3:
+        pytest.skip(f"SLURM cannot be installed here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, f"local SLURM cluster did not start:\n{proc.stdout}{proc.stderr}"
+
+    # an sbatch wrapper first on PATH records every submission, then hands it to sbatch
+    real_sbatch = shutil.which("sbatch")
+    wrapper_dir = state / "bin"
+    wrapper_dir.mkdir()
+    sbatch_log = state / "sbatch-calls.log"
+    (wrapper_dir / "sbatch").write_text(
+        "#!/bin/sh\n"
+        f"printf '%s\\n' \"$*\" >> '{sbatch_log}'\n"
+        f"exec '{real_sbatch}' \"$@\"\n"
+    )
+    (wrapper_dir / "sbatch").chmod(0o755)
+    env.update(
+        SLURM_CONF=str(state / "slurm.conf"),
+        # the venv first, so that jobs find python, snakemake and the equipet commands
+        PATH=os.pathsep.join([str(wrapper_dir), str(Path(sys.executable).parent), env["PATH"]]),
+        MPLBACKEND="Agg",
+        PYTHONUNBUFFERED="1",
+    )
+    partition = subprocess.run(["sinfo", "-h", "-o", "%P"], env=env, capture_output=True,
+                               text=True, check=True).stdout.split()[0].rstrip("*")
+    yield {"env": env, "state": state, "sbatch_log": sbatch_log, "partition": partition}
+    subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory) -> Path:
+    """One copy of the checkout; every run below starts from a copy of it.
+
+    (Runs never touch the developer's results/ or resources/, and all of them see the same
+    workflow even while the checkout is being edited.)
+    """
+    return copy_checkout(tmp_path_factory.mktemp("checkout"))
+
+
+def _copy_checkout(snapshot: Path, dst: Path) -> Path:
+    shutil.copytree(snapshot, dst, dirs_exist_ok=True)
+    (dst / "results").mkdir()
+    return dst
+
+
+def _slurm_args(slurm: dict, *extra: str) -> list[str]:
+    """The documented command, plus what this CPU-only, accounting-free test cluster needs.
+
+    (Targets go before these: --set-resources takes every word after it.)
+    """
+    return [
+        "--profile", "workflow/profiles/slurm", *QUICK,
+        "--default-resources", f"slurm_partition={slurm['partition']}",
+        "--slurm-status-command", "squeue",
+        "--slurm-init-seconds-before-status-checks", "2",
+        "--seconds-between-status-checks", "2",
+        "--slurm-keep-successful-logs",
+        *extra,
+    ]
+
+
+def _pinned(env: dict, workdir: Path) -> dict:
+    """The environment with the copy's equipet package first on the path.
+
+    The venv holds an editable install of the checkout, which may change while the tests
+    run; every run (and every SLURM job, via sbatch --export=ALL) uses the code of its copy,
+    so the local and the SLURM runs compare the same code.
+    """
+    path = [str(workdir / "workflow"), *filter(None, [env.get("PYTHONPATH")])]
+    return dict(env, PYTHONPATH=os.pathsep.join(path))
+
+
+def _run(workdir: Path, args: list[str], env: dict, log: Path, timeout: int = 900):
+    env = _pinned(env, workdir)
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.run([*SNAKEMAKE, *args], cwd=workdir, env=env, stdout=out,
+                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return proc.returncode, time.perf_counter() - start, log.read_text()
+
+
+def _run_id(log_text: str) -> str:
+    found = re.findall(r"SLURM run ID: (\S+)", log_text)
+    assert len(found) == 1, "no SLURM run ID in the snakemake log"
+    return found[0]
+
+
+def _slurm_jobs(env: dict, run_id: str) -> pd.DataFrame:
+    """Every SLURM job of a snakemake run (job name = run ID): id, state, rule, wildcards."""
+    out = subprocess.run(["squeue", "--states=all", "--noheader", "--name", run_id,
+                          "--format=%i|%T|%k"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        jobid, state, comment = line.split("|", 2)
+        rule, _, wildcards = comment.removeprefix("rule_").partition("_wildcards_")
+        rows.append({"jobid": int(jobid), "state": state, "rule": rule, "wildcards": wildcards})
+    return pd.DataFrame(rows, columns=["jobid", "state", "rule", "wildcards"])
+
+
+def _sbatch_calls(slurm: dict, run_id: str) -> list[str]:
+    """Rules of the sbatch calls of a run, from the wrapper's log."""
+    rules = []
+    for line in slurm["sbatch_log"].read_text().splitlines():
+        if f"--job-name {run_id} " in line:
+            comment = re.search(r"--comment '?rule_(\S+?)'?\s", line).group(1)
+            rules.append(comment.partition("_wildcards_")[0])
+    return rules
+
+
+def _plan(workdir: Path, env: dict, *targets: str) -> dict[str, dict]:
+    """Per rule: the jobs a run would execute and their resources (from a dry run)."""
+    proc = subprocess.run([*SNAKEMAKE, *targets, "-n", "--cores", "2", *QUICK], cwd=workdir,
+                          env=_pinned(env, workdir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    plan: dict[str, dict] = {}
+    for block in re.split(r"^(?=rule \w+:$)", proc.stdout + proc.stderr, flags=re.M)[1:]:
+        rule = re.match(r"rule (\w+):", block)[1]
+        entry = plan.setdefault(rule, {"jobs": 0, "gpu": 0, "mem_mb": 0})
+        entry["jobs"] += 1
+        res = re.search(r"^\s+resources: (.*)$", block, re.M)
+        res = dict(kv.split("=", 1) for kv in res[1].split(", ")) if res else {}
+        for key in ("gpu", "mem_mb"):
+            if res.get(key, "").isdigit():
+                entry[key] = max(entry[key], int(res[key]))
+    return plan
+
+
+def _test_cluster_overrides(plan: dict[str, dict], slurm: dict) -> list[str]:
+    """--set-resources for what this CPU-only test node cannot give: GPUs and big memory.
+
+    `sbatch --gpus=1` is refused on a cluster without GPUs, so rules that request `gpu`
+    run with gpu=0 here; a memory request above the node's RealMemory is capped to it.
+    """
+    node_mem = int(subprocess.run(["sinfo", "-h", "-o", "%m"], env=slurm["env"], check=True,
+                                  capture_output=True, text=True).stdout.split()[0].rstrip("+"))
+    sets = [f"{r}:gpu=0" for r, e in sorted(plan.items()) if e["gpu"]]
+    sets += [f"{r}:mem_mb={node_mem}" for r, e in sorted(plan.items()) if e["mem_mb"] > node_mem]
+    return ["--set-resources", *sets] if sets else []
+
+
+def _ran(log_text: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Jobs per rule that snakemake finished, and those it ran itself as local jobs.
+
+    Snakemake prints a 'localrule X:' header for each job it runs locally; jobs it hands to
+    the executor get none (the plugin logs the sbatch submission instead).
+    """
+    finished: dict[str, int] = {}
+    local: dict[str, int] = {}
+    for m in re.finditer(r"^Finished jobid: \d+ \(Rule: (\w+)\)", log_text, re.M):
+        finished[m[1]] = finished.get(m[1], 0) + 1
+    for m in re.finditer(r"^localrule (\w+):$", log_text, re.M):
+        local[m[1]] = local.get(m[1], 0) + 1
+    return finished, local
+
+
+def _tables(results: Path) -> list[str]:
+    """The CSV outputs to compare between runs: all but logs, benchmarks and timings."""
+    return sorted(
+        str(p.relative_to(results)) for p in results.rglob("*.csv")
+        if not {"logs", "benchmarks"} & set(p.relative_to(results).parts) and "timing" not in p.name
+    )
+
+
+def _without_timings(df: pd.DataFrame) -> pd.DataFrame:
+    """Drop rows that hold wall-clock times (tidy metrics such as total_time_s or s_per_epoch,
+    timing claims): they differ between any two runs."""
+    text = df.select_dtypes(exclude="number").astype(str)
+    timed = text.apply(lambda col: col.str.contains(r"time|per_epoch", case=False)).any(axis=1)
+    return df[~timed].reset_index(drop=True)
+
+
+def _assert_same_tables(got: Path, want: Path, names: list[str]) -> None:
+    """Same rows; numbers within RTOL/ATOL, everything else equal; wall-clock columns skipped."""
+    assert names, f"nothing to compare under {got}"
+    for name in names:
+        a, b = _without_timings(pd.read_csv(got / name)), _without_timings(pd.read_csv(want / name))
+        assert list(a.columns) == list(b.columns) and len(a) == len(b), name
+        keys = [c for c in a.columns if not pd.api.types.is_float_dtype(a[c]) and "time" not in c]
+        if keys:
+            a = a.sort_values(keys, kind="stable").reset_index(drop=True)
+            b = b.sort_values(keys, kind="stable").reset_index(drop=True)
+        for col in a.columns:
+            if "time" in col:  # wall_time_s and the like
+                continue
+            if pd.api.types.is_float_dtype(a[col]):
+                close = np.isclose(a[col], b[col], rtol=RTOL, atol=ATOL, equal_nan=True)
+                assert close.all(), f"{name}: {col} differs beyond rtol={RTOL}:\n{a[~close]}\n{b[~close]}"
+            else:
+                assert (a[col].astype(str) == b[col].astype(str)).all(), f"{name}: {col} differs"
+
+
+@pytest.fixture(scope="module")
+def local_run(snapshot, tmp_path_factory) -> dict:
+    """The quick config, run locally (the reference for the SLURM runs)."""
+    workdir = _copy_checkout(snapshot, tmp_path_factory.mktemp("local"))
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    rc, wall, log = _run(workdir, ["--cores", "2", *QUICK], env, workdir / "snakemake.log")
+    assert rc == 0, log[-6000:]
+    print(f"\nquick config, local run (--cores 2): {wall:.0f} s")
+    return {"results": workdir / "results", "wall": wall}
+
+
+def test_quick_config_on_slurm(slurm, snapshot, local_run, tmp_path_factory):
+    workdir = _copy_checkout(snapshot, tmp_path_factory.mktemp("on_slurm"))
+    env = slurm["env"]
+    plan = _plan(workdir, env)
+    args = _slurm_args(slurm, *_test_cluster_overrides(plan, slurm))
+
+    rc, wall, log = _run(workdir, args, env, workdir / "snakemake.log")
+    assert rc == 0, log[-8000:]
+    print(f"\nquick config, SLURM run (one 2-CPU node): {wall:.0f} s "
+          f"(local run: {local_run['wall']:.0f} s)")
+    run_id = _run_id(log)
+
+    # snakemake ran exactly the planned jobs; which of them are local is its decision
+    # (rules with `localrule: True`, and `all`); all others are the non-local jobs
+    finished, local = _ran(log)
+    assert finished == {rule: e["jobs"] for rule, e in plan.items()}, (finished, plan)
+    remote = {rule: n - local.get(rule, 0) for rule, n in finished.items() if n > local.get(rule, 0)}
+    assert remote.get("train_brain") == plan["train_brain"]["jobs"], "training runs as SLURM jobs"
+    assert "tables" in local, "aggregation rules are local rules"
+
+    # every non-local job went through sbatch ...
+    submitted = _sbatch_calls(slurm, run_id)
+    assert sorted(submitted) == sorted(r for r, n in remote.items() for _ in range(n)), submitted
+    # ... and ran as a SLURM job that completed; no local rule was submitted
+    jobs = _slurm_jobs(env, run_id)
+    assert jobs.rule.value_counts().to_dict() == remote, jobs
+    assert (jobs.state == "COMPLETED").all(), jobs
+    assert not set(jobs.rule) & set(local), jobs
+    print(f"SLURM jobs: {len(jobs)} ({dict(jobs.rule.value_counts())}); "
+          f"local jobs: {sum(local.values())} ({local})")
+
+    # the outputs: the same files as the local run, and the same numbers
+    results = workdir / "results"
+    names = _tables(results)
+    assert names == _tables(local_run["results"]), "the runs wrote different tables"
+    _assert_same_tables(results, local_run["results"], names)
+    print(f"equal to the local run (rtol={RTOL}): {', '.join(names)}")
+    made = {p.relative_to(results) for p in results.rglob("*") if p.is_file()
+            and "logs" not in p.parts and "benchmarks" not in p.parts}
+    want = {p.relative_to(local_run["results"]) for p in local_run["results"].rglob("*")
+            if p.is_file() and "logs" not in p.parts and "benchmarks" not in p.parts}
+    assert made == want, made ^ want
+
+    proc = subprocess.run([*SNAKEMAKE, "-n", *args], cwd=workdir, env=_pinned(env, workdir),
+                          capture_output=True, text=True, timeout=300)
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def _start_and_scancel(workdir: Path, slurm: dict, args: list[str], log: Path):
+    """Start a run of FAULT_RUN; scancel its training job while it trains.
+
+    A quick-config training can take as little as a second or two, so the rule's log is
+    polled every 0.1 s and the job is cancelled as soon as it reports that training began;
+    the callers check that SLURM recorded the job as CANCELLED (not COMPLETED).
+    """
+    env = slurm["env"]
+    target = f"results/{FAULT_RUN}/metrics.csv"
+    train_log = workdir / "results" / "logs" / f"{FAULT_RUN.replace('/seed', '_seed')}.log"
+    out = open(log, "w")
+    start = time.perf_counter()
+    proc = subprocess.Popen([*SNAKEMAKE, target, *args], cwd=workdir, env=_pinned(env, workdir), stdout=out,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = train_log.stat().st_size if train_log.exists() else 0  # a log of an earlier run
+    killed = None
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            text = train_log.read_text() if train_log.exists() else ""
+            if len(text) < seen:  # the log was started afresh
+                seen = 0
+            if "training" in text[seen:] and "SLURM run ID" in log.read_text():
+                jobs = _slurm_jobs(env, _run_id(log.read_text()))
+                running = jobs[(jobs.rule == "train_brain") & (jobs.state == "RUNNING")]
+                assert len(running) == 1, jobs
+                killed = int(running.jobid.iloc[0])
+                subprocess.run(["scancel", str(killed)], env=env, check=True)
+                assert not (workdir / target).exists(), "the job finished before it was cancelled"
+                break
+            time.sleep(0.1)
+        assert killed is not None, "the training job never ran:\n" + log.read_text()[-4000:]
+        rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out.close()
+    return rc, time.perf_counter() - start, log.read_text(), killed
+
+
+def _job_processes(workdir: Path) -> list[str]:
+    """Command lines of snakemake job steps still running for this checkout."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"{workdir}/Snakefile" in cmd and "slurm-jobstep" in cmd:
+            found.append(cmd)
+    return found
+
+
+def _assert_job_gone(workdir: Path) -> None:
+    """scancel ends the whole job: no job step of it outlives the job."""
+    for _ in range(30):
+        if not _job_processes(workdir):
+            return
+        time.sleep(1)
+    raise AssertionError(f"a cancelled job left processes behind: {_job_processes(workdir)}")
+
+
+def _fault_workdir(snapshot: Path, local_run: dict, dst: Path) -> Path:
+    """A checkout for the fault test, with the brain image of the local run already there.
+
+    (Only the training job is then planned and killed; that saves a brain job per run.)
+    """
+    workdir = _copy_checkout(snapshot, dst)
+    shutil.copytree(local_run["results"].parent / "resources" / "brain", workdir / "resources" / "brain")
+    return workdir
+
+
+def _fault_args(workdir: Path, slurm: dict, *extra: str) -> list[str]:
+    target = f"results/{FAULT_RUN}/metrics.csv"
+    plan = _plan(workdir, slurm["env"], target)
+    assert plan.keys() == {"train_brain"} and plan["train_brain"]["jobs"] == 1, plan
+    return _slurm_args(slurm, *_test_cluster_overrides(plan, slurm), *extra)
+
+
+def test_scancel_mid_run_rerun_and_retry(slurm, snapshot, local_run, tmp_path_factory):
+    """A training job killed with scancel mid-run: rerun, and retry, both complete the outputs.
+
+    1. With `--retries 0` the cancelled job fails the run, and nothing of it is left.
+    2. The documented command (the profile: `retries: 1`, `rerun-incomplete`) reruns it; its
+       job is cancelled again mid-run, resubmitted by the retry, and completes.
+    """
+    workdir = _fault_workdir(snapshot, local_run, tmp_path_factory.mktemp("scancel"))
+    out = workdir / "results" / FAULT_RUN
+
+    rc, wall1, log, killed = _start_and_scancel(workdir, slurm, _fault_args(workdir, slurm, "--retries", "0"),
+                                                workdir / "snakemake-1.log")
+    assert rc != 0, "the run must fail when its job is cancelled and retries are off"
+    first = _slurm_jobs(slurm["env"], _run_id(log)).set_index("jobid").state
+    assert first.loc[killed] == "CANCELLED" and len(first) == 1, first
+    assert not (out / "metrics.csv").exists()
+    assert not (out / "eval.npz").exists(), "an output of the cancelled job was left behind"
+    _assert_job_gone(workdir)
+
+    rc, wall2, log, killed = _start_and_scancel(workdir, slurm, _fault_args(workdir, slurm),
+                                                workdir / "snakemake-2.log")
+    assert rc == 0, log[-8000:]
+    print(f"\nscancel, run fails ({FAULT_RUN}): {wall1:.0f} s; "
+          f"rerun, scancel again, retry completes: {wall2:.0f} s")
+    jobs = _slurm_jobs(slurm["env"], _run_id(log))
+    train = jobs[jobs.rule == "train_brain"].set_index("jobid").state
+    assert len(jobs) == len(train) == 2, jobs
+    assert train.loc[killed] == "CANCELLED" and (train.drop(killed) == "COMPLETED").all(), jobs
+    assert "Trying to restart job" in log
+    _assert_job_gone(workdir)
+    for name in ("metrics.csv", "loss.csv", "timing.json", "eval.npz"):
+        assert (out / name).stat().st_size > 0, name
+    _assert_same_tables(workdir / "results", local_run["results"],
+                        [f"{FAULT_RUN}/metrics.csv", f"{FAULT_RUN}/loss.csv"])
