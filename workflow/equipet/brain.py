@@ -112,7 +112,7 @@ def _load_skimage() -> np.ndarray:
             f"cannot get scikit-image's brain image, which is downloaded on first use ({exc})",
             where="brain.source: skimage",
             fix="use brain.source: mni152 (shipped with nilearn, works offline), "
-                "or install pooch and run once with internet access",
+                "or run once with internet access (scikit-image caches the download)",
         ) from exc
     return np.asarray(vol, dtype=np.float64)
 
