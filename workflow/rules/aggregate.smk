@@ -8,7 +8,11 @@ rule tables:
         + assisted_metric_files(),
         timing=[f"{d}/timing.json" for d in brain_run_dirs() + assisted_run_dirs()],
     output:
-        metrics=f"{RESULTS}/tables/metrics.csv",
+        metrics=report(
+            f"{RESULTS}/tables/metrics.csv",
+            caption="../report/metrics.rst",
+            category="Tables",
+        ),
         timing=report(
             f"{RESULTS}/tables/timing.csv",
             caption="../report/timing.rst",
