@@ -90,22 +90,20 @@ def radon_problem(cfg: dict[str, Any], brain: BrainSlices, seed: int) -> Problem
             sino = operator.apply(torch.from_numpy(img.astype(np.float64))).numpy()
         return sino if sec["counts"] is None else poisson_sinogram(sino, sec["counts"], r)
 
+    sinogram = sinogram_of(clean, rng)
     fixed_noise = rng.standard_normal(clean.shape).astype(np.float32) * 0.1
 
-    def make_input(img: np.ndarray, r: np.random.Generator) -> np.ndarray:
+    def input_from(sino: np.ndarray) -> np.ndarray:
+        """The network input for a measured sinogram (``radon_recon.input``)."""
         if sec["input"] == "noise":
             return fixed_noise
-        sino = sinogram_of(img, r)
         recon = fbp(sino, theta) if sec["input"] == "fbp" else backprojection(sino, theta)
         return recon.astype(np.float32)
 
-    sinogram = sinogram_of(clean, rng)
-    if sec["input"] == "noise":
-        net_input = fixed_noise
-    elif sec["input"] == "fbp":
-        net_input = fbp(sinogram, theta).astype(np.float32)
-    else:
-        net_input = backprojection(sinogram, theta).astype(np.float32)
+    def make_input(img: np.ndarray, r: np.random.Generator) -> np.ndarray:
+        return input_from(sinogram_of(img, r))
+
+    net_input = input_from(sinogram)
     loss = ForwardModelMSELoss(operator, torch.from_numpy(sinogram.astype(np.float32))[None, None])
     return Problem("radon_recon", clean, net_input, loss, make_input,
                    {"sinogram": sinogram.astype(np.float32)})

@@ -30,7 +30,8 @@ MODEL_LABELS = {"cnn": "CNN", "scnn": "SCNN"}
 INPUT_LABELS = {"denoise": "noisy input", "radon_recon": "network input (FBP)"}
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a CSV written by a stage; a missing or broken file names itself and the fix."""
     try:
         return pd.read_csv(path)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
@@ -38,11 +39,16 @@ def _read_csv(path: Path) -> pd.DataFrame:
                              fix="rerun the rule that writes it (snakemake --forcerun <rule>)") from exc
 
 
+def read_tables(paths: Sequence[Path]) -> pd.DataFrame:
+    """Concatenate several tidy tables (see :func:`read_table`)."""
+    return pd.concat([read_table(Path(p)) for p in paths], ignore_index=True)
+
+
 def collect_losses(run_dirs: Sequence[Path]) -> pd.DataFrame:
     """Loss curves of several runs as one tidy frame (model, seed, epoch, loss, wall_time_s)."""
     frames = []
     for d in run_dirs:
-        df = _read_csv(Path(d) / "loss.csv")
+        df = read_table(Path(d) / "loss.csv")
         for key, value in run_labels(Path(d)).items():
             df[key] = value
         frames.append(df)
@@ -157,7 +163,7 @@ def run_labels(run_dir: Path) -> dict[str, object]:
 def gather_tables(metric_files: Sequence[Path], timing_files: Sequence[Path],
                   metrics_out: Path, timing_out: Path) -> pd.DataFrame:
     """Concatenate per-run metrics into the tidy ``metrics.csv``; timings into ``timing.csv``."""
-    metrics = pd.concat([_read_csv(Path(f)) for f in metric_files], ignore_index=True)
+    metrics = read_tables(metric_files)
     with atomic_path(metrics_out) as tmp:
         metrics.to_csv(tmp, index=False)
     rows = []
@@ -210,5 +216,5 @@ def _main(argv: Sequence[str] | None) -> None:
     elif args.what == "group-action":
         group_action_figure(args.brain, args.out, args.group, args.order, args.counts)
     else:
-        generalisation_figure(_read_csv(args.metrics), args.out)
+        generalisation_figure(read_table(args.metrics), args.out)
     log.info("wrote %s", getattr(args, "out", None) or args.metrics_out)

@@ -383,22 +383,29 @@ def _settings(cfg: Mapping[str, Any]) -> tuple[Scanner, dict, dict]:
                           fix="pass the scanner, phantom and mlem sections") from exc
 
 
+def _stage_setup(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
+    """Common start of the reconstruction CLIs: shared arguments, logging, threads, settings, device."""
+    from equipet.cli import add_common_arguments, settings_from_args, setup_logging
+    from equipet.device import select_device
+
+    add_common_arguments(parser)
+    _add_threads_argument(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.log)
+    _apply_threads(args.threads)
+    cfg = settings_from_args(args)
+    scanner, mlem, phantom = _settings(cfg)
+    return args, cfg, scanner, mlem, phantom, select_device(cfg.get("device", "auto"))
+
+
 def sensitivity_main(argv: Sequence[str] | None = None) -> None:
     """``equipet-sensitivity``: the attenuation-corrected sensitivity image (NIfTI + JSON sidecar)."""
-    from equipet.cli import add_common_arguments, run, settings_from_args, setup_logging
-    from equipet.device import select_device
+    from equipet.cli import run
 
     def _main(argv: Sequence[str] | None) -> None:
         p = argparse.ArgumentParser(prog="equipet-sensitivity", description=sensitivity_main.__doc__)
-        add_common_arguments(p)
         p.add_argument("--out", type=Path, required=True, help="sensitivity image, .nii.gz")
-        _add_threads_argument(p)
-        args = p.parse_args(argv)
-        setup_logging(args.log)
-        _apply_threads(args.threads)
-        cfg = settings_from_args(args)
-        scanner, mlem, phantom = _settings(cfg)
-        device = select_device(cfg.get("device", "auto"))
+        args, cfg, scanner, mlem, phantom, device = _stage_setup(p, argv)
         geom = image_geometry(mlem)
         mu, mu_geom = (phantom_mu_map(phantom, mlem["voxel_size_mm"]) if mlem["attenuation"] else (None, None))
         sens, info = sensitivity_image(scanner, geom, mlem["sensitivity_lors"], mu, mu_geom,
@@ -415,24 +422,16 @@ def sensitivity_main(argv: Sequence[str] | None = None) -> None:
 
 def mlem_main(argv: Sequence[str] | None = None) -> None:
     """``equipet-mlem``: list-mode TOF MLEM of one acquisition, one NIfTI per iteration."""
-    from equipet.cli import add_common_arguments, run, settings_from_args, setup_logging
-    from equipet.device import select_device
+    from equipet.cli import run
     from equipet.listmode import read_listmode
 
     def _main(argv: Sequence[str] | None) -> None:
         p = argparse.ArgumentParser(prog="equipet-mlem", description=mlem_main.__doc__)
-        add_common_arguments(p)
         p.add_argument("--coincidences", type=Path, required=True, help="GATE ROOT file (Coincidences tree)")
         p.add_argument("--sensitivity", type=Path, required=True, help="from equipet-sensitivity")
         p.add_argument("--ctr-ps", type=float, required=True, help="coincidence time resolution, ps FWHM")
         p.add_argument("--out-dir", type=Path, required=True, help="receives mlem_it{n}.nii.gz and timing.json")
-        _add_threads_argument(p)
-        args = p.parse_args(argv)
-        setup_logging(args.log)
-        _apply_threads(args.threads)
-        cfg = settings_from_args(args)
-        scanner, mlem, phantom = _settings(cfg)
-        device = select_device(cfg.get("device", "auto"))
+        args, cfg, scanner, mlem, phantom, device = _stage_setup(p, argv)
         geom = image_geometry(mlem)
         sens = load_sensitivity(args.sensitivity, geom, sensitivity_key(cfg["scanner"], phantom, mlem))
         t0 = time.perf_counter()

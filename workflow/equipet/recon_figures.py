@@ -32,6 +32,7 @@ import pandas as pd  # noqa: E402
 
 from equipet import cli  # noqa: E402
 from equipet.errors import InputDataError  # noqa: E402
+from equipet.figures import collect_losses, read_tables  # noqa: E402
 from equipet.files import atomic_path  # noqa: E402
 
 log = logging.getLogger("equipet.recon_figures")
@@ -41,17 +42,6 @@ LABELS = {"cnn": "CNN-assisted", "scnn": "SCNN-assisted", "mlem_early": "MLEM (e
 ORDER = ["mlem_early", "mlem_best", "mlem_best_gauss", "cnn", "scnn"]
 COLORS = {"truth": "k", "mlem_early": "0.6", "mlem_best": "tab:green", "mlem_best_gauss": "tab:olive",
           "cnn": "tab:blue", "scnn": "tab:red"}
-
-
-def _read_csvs(paths: Sequence[Path]) -> pd.DataFrame:
-    frames = []
-    for p in paths:
-        try:
-            frames.append(pd.read_csv(p))
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-            raise InputDataError(f"cannot read table ({exc})", where=str(p),
-                                 fix="rerun the rule that writes it") from exc
-    return pd.concat(frames, ignore_index=True)
 
 
 def _save(fig: plt.Figure, out: Path) -> None:
@@ -125,14 +115,9 @@ def assisted_figure(slice_npz: Path, run_dirs: Sequence[Path], phantom_cfg: dict
             ax.set_ylabel("image / its 99th percentile in the disk", fontsize=7)
         ax.tick_params(labelsize=7)
     fig.legend(loc="outside right center", fontsize=7)
-    losses = []
-    for m, dirs in by_model.items():
-        for d in dirs:
-            df = pd.read_csv(d / "loss.csv")
-            df["model"], df["seed"] = m, int(d.name.removeprefix("seed"))
-            losses.append(df)
-    if losses:
-        loss = pd.concat(losses)
+    dirs = [d for ds in by_model.values() for d in ds]
+    if dirs:
+        loss = collect_losses(dirs)
         half = max(ncol // 2, 1)
         for k, (sl, title) in enumerate(((slice(None), "loss, all epochs"), (slice(0, 1000), "first 1000 epochs"))):
             ax = fig.add_subplot(grid[2, k * half:(k + 1) * half])
@@ -223,9 +208,9 @@ def _main(argv: Sequence[str] | None) -> None:
         cfg = cli.settings_from_args(args)
         assisted_figure(args.slice, args.runs, cfg["phantom"], args.out)
     elif args.what == "crc":
-        crc_figure(_read_csvs(args.metrics), args.out)
+        crc_figure(read_tables(args.metrics), args.out)
     else:
-        table = summary_table(_read_csvs(args.metrics), args.ctr_ps)
+        table = summary_table(read_tables(args.metrics), args.ctr_ps)
         with atomic_path(args.out) as tmp:
             table.to_csv(tmp, index=False)
     log.info("wrote %s", args.out)

@@ -99,7 +99,26 @@ class MSELoss(torch.nn.Module):
         return torch.mean((output - self.target) ** 2)
 
 
-class ForwardModelMSELoss(torch.nn.Module):
+class _ForwardModelLoss(torch.nn.Module):
+    """A loss comparing ``operator(output)`` with a fixed measurement of the same shape."""
+
+    def __init__(self, operator: Callable[[torch.Tensor], torch.Tensor], measurement: torch.Tensor | np.ndarray):
+        super().__init__()
+        self.operator = operator
+        self.register_buffer("measurement", _as_image_batch(measurement))
+
+    def predicted(self, output: torch.Tensor) -> torch.Tensor:
+        """``operator(output)``, checked against the measurement's shape."""
+        predicted = self.operator(output)
+        if predicted.shape != self.measurement.shape:
+            raise ValueError(
+                f"{type(self).__name__}: operator output shape {tuple(predicted.shape)} "
+                f"!= measurement shape {tuple(self.measurement.shape)}"
+            )
+        return predicted
+
+
+class ForwardModelMSELoss(_ForwardModelLoss):
     """Physics (data-consistency) loss ``L(y) = mean((A(y) - m)^2)``.
 
     ``operator`` ``A`` is any differentiable callable mapping the network output
@@ -113,22 +132,11 @@ class ForwardModelMSELoss(torch.nn.Module):
     0.0
     """
 
-    def __init__(self, operator: Callable[[torch.Tensor], torch.Tensor], measurement: torch.Tensor | np.ndarray):
-        super().__init__()
-        self.operator = operator
-        self.register_buffer("measurement", _as_image_batch(measurement))
-
     def forward(self, output: torch.Tensor) -> torch.Tensor:
-        predicted = self.operator(output)
-        if predicted.shape != self.measurement.shape:
-            raise ValueError(
-                f"ForwardModelMSELoss: operator output shape {tuple(predicted.shape)} "
-                f"!= measurement shape {tuple(self.measurement.shape)}"
-            )
-        return torch.mean((predicted - self.measurement) ** 2)
+        return torch.mean((self.predicted(output) - self.measurement) ** 2)
 
 
-class PoissonNLLLoss(torch.nn.Module):
+class PoissonNLLLoss(_ForwardModelLoss):
     """Poisson negative log-likelihood ``L(y) = sum(A(y) - m log A(y))`` (constants dropped).
 
     ``A(y)`` is the expected counts and ``m`` the measured counts. Below
@@ -147,20 +155,13 @@ class PoissonNLLLoss(torch.nn.Module):
         measurement: torch.Tensor | np.ndarray,
         floor_counts: float = 1e-6,
     ):
-        super().__init__()
         if not floor_counts > 0:
             raise ValueError(f"floor_counts must be > 0, got {floor_counts}")
-        self.operator = operator
+        super().__init__(operator, measurement)
         self.floor_counts = float(floor_counts)
-        self.register_buffer("measurement", _as_image_batch(measurement))
 
     def forward(self, output: torch.Tensor) -> torch.Tensor:
-        expected = self.operator(output)
-        if expected.shape != self.measurement.shape:
-            raise ValueError(
-                f"PoissonNLLLoss: operator output shape {tuple(expected.shape)} "
-                f"!= measurement shape {tuple(self.measurement.shape)}"
-            )
+        expected = self.predicted(output)
         m = self.measurement
         floored = expected.clamp_min(self.floor_counts)
         tangent_slope = 1.0 - m / self.floor_counts
