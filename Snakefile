@@ -3,6 +3,7 @@
 #   snakemake --profile workflow/profiles/default                      # paper settings
 #   snakemake --profile workflow/profiles/default --configfile config/quick.yaml
 #   snakemake --report results/report.html                             # HTML report
+#   snakemake brain_experiments | simulation | reconstruction | assisted   # one stage
 #
 # The configuration is validated against config/schema/ before any rule runs;
 # every missing key is filled from the schema defaults.
@@ -26,3 +27,25 @@ rule all:
     default_target: True
     input:
         all_targets(),
+
+
+# One stage at a time (each with what it needs upstream), e.g. the brain benchmarks of
+# paper III-A/B on a CPU workstation while the assisted runs wait for a GPU.
+rule brain_experiments:
+    input:
+        brain_figure_targets(),
+
+
+rule simulation:
+    input:
+        simulation_targets(),
+
+
+rule reconstruction:
+    input:
+        reconstruction_targets(),
+
+
+rule assisted:
+    input:
+        assisted_targets(),

@@ -45,6 +45,25 @@ def test_paper_config_dry_run(workdir):
     assert "train_brain" in proc.stdout
 
 
+def _planned_rules(workdir: Path, target: str) -> set[str]:
+    proc = _snakemake(workdir, target, "-n", "--cores", "2", "--quiet", "rules")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {line.split()[0] for line in proc.stdout.splitlines()
+            if line.strip() and line.split()[-1].isdigit() and line.split()[0] not in ("job", "total")}
+
+
+def test_stage_targets_plan_only_their_upstream(workdir):
+    """Each stage target runs its stage and what it needs, nothing downstream: the brain
+    benchmarks never wait for a simulation or an assisted run (days on a CPU)."""
+    brain = _planned_rules(workdir, "brain_experiments")
+    assert {"train_brain", "generalisation_figure"} <= brain
+    assert not brain & {"simulate_job", "mlem", "assisted_train", "tables"}, brain
+    recon = _planned_rules(workdir, "reconstruction")
+    assert {"simulate_job", "sensitivity", "mlem", "recon_metrics"} <= recon
+    assert not recon & {"train_brain", "assisted_train", "central_slice"}, recon
+    assert "assisted_train" in _planned_rules(workdir, "assisted")
+
+
 def test_bad_config_stops_with_key_and_fix(workdir):
     proc = _snakemake(workdir, "-n", "--cores", "1", "--config", "seeds=[]")
     out = proc.stdout + proc.stderr

@@ -205,7 +205,8 @@ def _main(argv: Sequence[str] | None) -> None:
     g.add_argument("--counts", type=float, required=True)
     g.add_argument("--out", type=Path, required=True)
     h = sub.add_parser("generalisation", help="held-out and rotated evaluation")
-    h.add_argument("--metrics", type=Path, required=True)
+    h.add_argument("--metrics", type=Path, nargs="+", required=True,
+                   help="tidy metric tables: the brain runs' metrics.csv files, or results/tables/metrics.csv")
     h.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     cli.setup_logging(args.log)
@@ -216,5 +217,5 @@ def _main(argv: Sequence[str] | None) -> None:
     elif args.what == "group-action":
         group_action_figure(args.brain, args.out, args.group, args.order, args.counts)
     else:
-        generalisation_figure(read_table(args.metrics), args.out)
+        generalisation_figure(read_tables(args.metrics), args.out)
     log.info("wrote %s", getattr(args, "out", None) or args.metrics_out)

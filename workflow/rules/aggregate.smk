@@ -86,7 +86,7 @@ rule group_action_figure:
 
 rule generalisation_figure:
     input:
-        f"{RESULTS}/tables/metrics.csv",
+        brain_targets(),
     output:
         report(
             f"{RESULTS}/figures/generalisation.png",

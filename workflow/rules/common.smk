@@ -70,6 +70,14 @@ def brain_targets():
     )
 
 
+def brain_figure_targets():
+    """Final outputs of the brain benchmarks (paper III-A/B): runs, Fig. 2, 3, 6, generalisation."""
+    return brain_targets() + [
+        f"{RESULTS}/figures/{name}.png"
+        for name in ("denoise", "radon_recon", "group_action", "generalisation")
+    ]
+
+
 def simulation_targets():
     """Final outputs of the simulation stage, for rule all."""
     return (
@@ -126,10 +134,7 @@ def all_targets():
     return [
         f"{RESULTS}/tables/metrics.csv",
         f"{RESULTS}/tables/timing.csv",
-        f"{RESULTS}/figures/denoise.png",
-        f"{RESULTS}/figures/radon_recon.png",
-        f"{RESULTS}/figures/group_action.png",
-        f"{RESULTS}/figures/generalisation.png",
+        *brain_figure_targets(),
         *simulation_targets(),
         *reconstruction_targets(),
         *assisted_targets(),
