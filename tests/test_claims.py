@@ -90,3 +90,16 @@ def test_smallest_resolved():
     assert smallest_resolved({6.5: 1, 5.5: 1, 4.5: 1, 3.5: 1, 2.2: 0, 1.6: 1}) == 3.5
     assert smallest_resolved({6.5: 0, 5.5: 1}) == np.inf
     assert smallest_resolved({6.5: 1, 1.6: 1}) == pytest.approx(1.6)
+
+
+def test_brain_runs_alone_give_the_brain_claims_only():
+    """The brain benchmarks' claims table (no simulation, MLEM or assisted runs): every
+    III-A/B claim with its verdict, and no assisted row."""
+    brain_metrics = pd.DataFrame([{"experiment": "denoise", "model": "scnn", "seed": 0, "epoch": 2000,
+                                   "metric": "psnr", "value": 30.0, "split": "train"}])
+    table = paper_claims(brain_metrics, brain_runs(), PLATEAU)
+    assert not table["claim_id"].str.startswith("assisted").any()
+    v = verdicts(table)
+    assert v["denoise_scnn1000_vs_cnn2000"] == REPRODUCED and v["radon_min_loss_ratio"] == REPRODUCED
+    v = verdicts(paper_claims(brain_metrics, brain_runs(scnn_fast=False), PLATEAU))
+    assert v["denoise_scnn1000_vs_cnn2000"] == NOT_REPRODUCED and v["radon_min_loss_ratio"] == NOT_REPRODUCED

@@ -56,7 +56,7 @@ def test_stage_targets_plan_only_their_upstream(workdir):
     """Each stage target runs its stage and what it needs, nothing downstream: the brain
     benchmarks never wait for a simulation or an assisted run (days on a CPU)."""
     brain = _planned_rules(workdir, "brain_experiments")
-    assert {"train_brain", "generalisation_figure"} <= brain
+    assert {"train_brain", "generalisation_figure", "brain_claims"} <= brain
     assert not brain & {"simulate_job", "mlem", "assisted_train", "tables"}, brain
     recon = _planned_rules(workdir, "reconstruction")
     assert {"simulate_job", "sensitivity", "mlem", "recon_metrics"} <= recon
@@ -93,6 +93,8 @@ def test_quick_run_end_to_end(workdir):
     assert sorted(last.ctr_ps) == [50.0, 100.0, 200.0]
     assert (last.value > 0.5).all(), last
     assert (last.value < 1.2).all(), last  # and not above what the truth allows (plus noise)
+    brain_claims = pd.read_csv(results / "tables" / "paper_claims_brain.csv")
+    assert brain_claims.claim_id.str.startswith(("denoise", "radon")).all()
     claims = pd.read_csv(results / "tables" / "paper_claims.csv")
     assert set(claims.verdict) <= {"reproduced", "not reproduced", "not comparable"}
     for fig in ("denoise", "radon_recon", "group_action", "generalisation", "fig1_phantom",

@@ -104,3 +104,29 @@ rule generalisation_figure:
     shell:
         "equipet-figures --log {log} generalisation --metrics {input} --out {output}"
 
+
+
+rule brain_claims:
+    input:
+        metrics=brain_targets(),
+        runs=[f"{d}/{f}" for d in brain_run_dirs() for f in ("loss.csv", "timing.json")],
+    output:
+        report(
+            f"{RESULTS}/tables/paper_claims_brain.csv",
+            caption="../report/paper_claims_brain.rst",
+            category="Tables",
+        ),
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/tables/paper_claims_brain.log",
+    params:
+        settings=settings("assisted"),
+        runs=brain_run_dirs(),
+    localrule: True
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "equipet-claims --settings {params.settings:q} --metrics {input.metrics} --runs {params.runs} "
+        "--out {output} --log {log}"
