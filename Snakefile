@@ -33,7 +33,7 @@ rule all:
 # paper III-A/B on a CPU workstation while the assisted runs wait for a GPU.
 rule brain_experiments:
     input:
-        brain_figure_targets(),
+        brain_stage_targets(),
 
 
 rule simulation:

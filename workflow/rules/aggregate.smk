@@ -105,7 +105,6 @@ rule generalisation_figure:
         "equipet-figures --log {log} generalisation --metrics {input} --out {output}"
 
 
-
 rule brain_claims:
     input:
         metrics=brain_targets(),

@@ -70,7 +70,7 @@ def brain_targets():
     )
 
 
-def brain_figure_targets():
+def brain_stage_targets():
     """Final outputs of the brain benchmarks (paper III-A/B): runs, Fig. 2, 3, 6, generalisation,
     and their claims (the same rules as paper_claims.csv, without waiting for the assisted runs)."""
     return brain_targets() + [
@@ -135,7 +135,7 @@ def all_targets():
     return [
         f"{RESULTS}/tables/metrics.csv",
         f"{RESULTS}/tables/timing.csv",
-        *brain_figure_targets(),
+        *brain_stage_targets(),
         *simulation_targets(),
         *reconstruction_targets(),
         *assisted_targets(),
