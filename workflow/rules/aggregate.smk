@@ -127,5 +127,4 @@ rule brain_claims:
         mem_mb=1000,
         runtime=5,
     shell:
-        "equipet-claims --settings {params.settings:q} --metrics {input.metrics} --runs {params.runs} "
-        "--out {output} --log {log}"
+        CLAIMS_SHELL

@@ -161,5 +161,4 @@ rule paper_claims:
         mem_mb=1000,
         runtime=5,
     shell:
-        "equipet-claims --settings {params.settings:q} --metrics {input.metrics} --runs {params.runs} "
-        "--mlem-timing {input.mlem_timing} --out {output} --log {log}"
+        CLAIMS_SHELL + " --mlem-timing {input.mlem_timing}"

@@ -55,6 +55,12 @@ def settings(*sections):
     keys = ("device", "seeds", "results_dir") + sections
     return json.dumps({k: config[k] for k in keys}, sort_keys=True)
 
+# equipet-claims as the claims rules call it (paper_claims adds the MLEM timings).
+CLAIMS_SHELL = (
+    "equipet-claims --settings {params.settings:q} --metrics {input.metrics} "
+    "--runs {params.runs} --out {output} --log {log}"
+)
+
 # Every rule runs in the same software environment (used with --sdm conda).
 CONDA_ENV = "../../envs/equipet.yaml"
 
