@@ -315,6 +315,11 @@ def _sidecar(path: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------
 # MLEM
+def _inverse_expected(ax: torch.Tensor, start: int) -> torch.Tensor:
+    """``1 / (A x)_e`` of MLEM's back projection, 0 where the expected value is 0."""
+    return torch.where(ax > 0, 1.0 / ax.clamp_min(torch.finfo(ax.dtype).tiny), torch.zeros_like(ax))
+
+
 def listmode_mlem(events_p1: torch.Tensor, events_p2: torch.Tensor, tof_mm: torch.Tensor | None,
                   sensitivity: torch.Tensor, geometry: ImageGeometry, iterations: int,
                   subsets: int = 1, tof_fwhm: float | None = None, truncation_sigma: float = 3.0,
@@ -352,9 +357,8 @@ def listmode_mlem(events_p1: torch.Tensor, events_p2: torch.Tensor, tof_mm: torc
     for it in it_range:
         t0 = time.perf_counter()
         for A in projs:
-            ax = A.apply(x)
-            ratio = torch.where(ax > 0, 1.0 / ax.clamp_min(torch.finfo(ax.dtype).tiny), torch.zeros_like(ax))
-            x = torch.where(support, x * A.adjoint(ratio) * (subsets / s_safe), torch.zeros_like(x))
+            back = A.apply_adjoint(x, _inverse_expected)   # A^T (1 / A x), each chunk's rows computed once
+            x = torch.where(support, x * back * (subsets / s_safe), torch.zeros_like(x))
         if x.is_cuda:  # timing only; the one device-dependent line
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
