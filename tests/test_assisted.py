@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from equipet.assisted import (ListmodeLeastSquaresLoss, ListmodePoissonLoss, SliceForwardModel, plateau_epoch,
-                              run_assisted)
+from equipet.assisted import (ListmodeLeastSquaresLoss, ListmodePoissonLoss, NonNegativeOutput, PlateauStop,
+                              SliceForwardModel, SubsetPoissonLoss, plateau_epoch, run_assisted)
 from equipet.projector import ImageGeometry, ListmodeTOFProjector, tof_fwhm_mm
 from equipet.rod_metrics import pair_vpr, valley_to_peak
 
@@ -100,40 +100,156 @@ def test_valley_to_peak_known_profile_and_phantom_truth():
     assert all(v == pytest.approx(1.0) for v in blurred.values())
 
 
-def test_tiny_assisted_run(tmp_path):
-    """A whole run on a synthetic slice: files, tidy rows, resumable training outputs."""
-    from equipet.config import schema_defaults
+def write_tiny_slice(tmp_path, n=300):
+    """A synthetic slice.npz (hot-rod truth on a 28 x 28 grid of 4 mm pixels, random in-plane
+    LORs, a noisy early image and a 'converged' MLEM image equal to the truth) and its system.pt."""
+    from equipet.central_slice import slice_system_matrix
     from equipet.phantom import hot_rod_phantom
 
     g = ImageGeometry((28, 28, 1), (4.0, 4.0, 0.8), (-54.0, -54.0, 0.4))
     ph = hot_rod_phantom({})
     truth = ph.voxelise(4.0, shape=(28, 28, 1)).activity_bq_per_ml[:, :, 0]
     rng = np.random.default_rng(0)
-    n = 300
     a1, a2 = rng.uniform(0, 2 * np.pi, n), rng.uniform(0, 2 * np.pi, n)
     p1 = np.stack([80 * np.cos(a1), 80 * np.sin(a1), np.full(n, 0.4)], 1).astype(np.float32)
     p2 = np.stack([80 * np.cos(a2), 80 * np.sin(a2), np.full(n, 0.4)], 1).astype(np.float32)
     early = (truth / truth.max() + 0.1 * rng.uniform(size=truth.shape)).astype(np.float32)
-    np.savez(tmp_path / "slice.npz", iterations=np.array([1, 2]), mlem=np.stack([early, early]), early=early,
-             early_iteration=np.asarray(2), truth=truth, sensitivity=np.ones_like(early), p1=p1, p2=p2,
-             tof=rng.normal(0, 5, n).astype(np.float32), background=np.zeros(n, np.float32),
-             event_fraction=np.asarray(1.0), ctr_ps=np.asarray(100.0), tof_fwhm_mm=np.asarray(tof_fwhm_mm(100.0)),
-             tof_truncation_sigma=np.asarray(3.0), geometry_shape=np.asarray(g.shape),
-             geometry_voxel_mm=np.asarray(g.voxel_size_mm), geometry_origin_mm=np.asarray(g.origin_mm))
+    data = dict(iterations=np.array([1, 2, 3]), mlem=np.stack([early, early, truth / truth.max()]).astype(np.float32),
+                early=early, early_iteration=np.asarray(2), truth=truth, sensitivity=np.ones_like(early), p1=p1,
+                p2=p2, tof=rng.normal(0, 5, n).astype(np.float32), background=np.zeros(n, np.float32),
+                event_fraction=np.asarray(1.0), ctr_ps=np.asarray(100.0), tof_fwhm_mm=np.asarray(tof_fwhm_mm(100.0)),
+                tof_truncation_sigma=np.asarray(3.0), geometry_shape=np.asarray(g.shape),
+                geometry_voxel_mm=np.asarray(g.voxel_size_mm), geometry_origin_mm=np.asarray(g.origin_mm))
+    np.savez(tmp_path / "slice.npz", **data)
+    torch.save(slice_system_matrix(data).state_dict(), tmp_path / "system.pt")
+    return ph
+
+
+def tiny_config(**assisted):
+    from equipet.config import schema_defaults
+
     cfg = {s: schema_defaults(s) for s in ("assisted", "training", "phantom", "mlem", "models")}
     cfg["device"] = "cpu"
-    cfg["assisted"].update(epochs=4, snapshots=[2, 4], cache_mb=10)
+    cfg["assisted"].update({**dict(epochs=4, snapshots=[2, 4], cache_mb=10, subset_events=100), **assisted})
     cfg["assisted"]["plateau"]["window"] = 2
     cfg["models"]["cnn"].update(layers=3, channels=4)
+    return cfg
+
+
+@pytest.mark.parametrize("method", ["poisson", "paper"])
+def test_tiny_assisted_run(tmp_path, method):
+    """A whole run on a synthetic slice: files, tidy rows with the method, resumable outputs."""
+    ph = write_tiny_slice(tmp_path)
+    cfg = tiny_config()
     out = tmp_path / "run"
-    df = run_assisted(cfg, tmp_path / "slice.npz", "cnn", 0, out)
+    df = run_assisted(cfg, tmp_path / "slice.npz", method, "cnn", 0, out, tmp_path / "system.pt")
     for f in ("loss.csv", "timing.json", "eval.npz", "metrics.csv", "summary.json"):
         assert (out / f).exists(), f
-    assert list(df.columns) == ["experiment", "model", "seed", "epoch", "metric", "value", "ctr_ps", "rod_mm", "split"]
+    assert list(df.columns) == ["experiment", "method", "model", "seed", "epoch", "metric", "value", "ctr_ps",
+                                "rod_mm", "split"]
+    assert set(df["method"]) == {method}
     assert set(df["split"]) == {"input", "train", "training"}
     crc = df[(df.metric == "crc") & (df.split == "train") & (df.epoch == 4)]
     assert sorted(crc.rod_mm) == sorted(ph.rod_diameters_mm)
-    assert json.loads((out / "summary.json").read_text())["loss"] == "poisson"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method
+    assert ("full_nll" in summary) == (method == "poisson")
     assert len(pd.read_csv(out / "loss.csv")) == 4
     ev = np.load(out / "eval.npz")
     assert ev["snapshots"].shape == (2, 28, 28)
+    if method == "poisson":
+        assert (ev["snapshots"] > 0).all()          # softplus output: every likelihood image is positive
+
+
+def test_paper_method_learns_its_target(tmp_path):
+    """The paper method maps the early slice to the MLEM slice at image_target_iterations."""
+    write_tiny_slice(tmp_path)
+    cfg = tiny_config(epochs=300, snapshots=[300], learning_rate=1e-2)
+    run_assisted(cfg, tmp_path / "slice.npz", "paper", "cnn", 0, tmp_path / "run")
+    losses = pd.read_csv(tmp_path / "run" / "loss.csv")["loss"].to_numpy()
+    ev = np.load(tmp_path / "run" / "eval.npz")
+    target = np.load(tmp_path / "slice.npz")["mlem"][-1]
+    out = ev["snapshots"][-1] / float(ev["scale"])
+    initial = float(np.mean((ev["net_input"] / float(ev["scale"]) - target / float(ev["scale"])) ** 2))
+    assert losses[-1] < 0.05 * losses[0]
+    assert float(np.mean((out - target / float(ev["scale"])) ** 2)) < 0.5 * initial   # closer than the input was
+
+
+def subset_problem(n=400, k=5):
+    """A small single-slice problem: stored matrix, its K blocks, background and sensitivity."""
+    A = projector(n, 7, dtype=torch.float32)
+    keep = A.apply(torch.ones(G2.shape)) > 0
+    A = ListmodeTOFProjector(G2, A.p1[keep], A.p2[keep], A.tof[keep], tof_fwhm_mm(100.0))
+    S = A.to_sparse()
+    rng = np.random.default_rng(8)
+    b = torch.as_tensor(rng.uniform(0.01, 0.05, S.n_events), dtype=torch.float32)
+    sens = torch.as_tensor(rng.uniform(1.0, 2.0, G2.shape[:2]), dtype=torch.float32)
+    parts = S.subsets(k)
+    bounds = np.cumsum([0] + [p.n_events for p in parts])
+    sub = SubsetPoissonLoss(parts, [b[x:y] for x, y in zip(bounds[:-1], bounds[1:])], sens, 1.7, 0.8)
+    full = ListmodePoissonLoss(SliceForwardModel(A, b, 1.7), sens, 0.8)
+    return sub, full
+
+
+def test_subset_gradient_is_unbiased():
+    """The mean over the K blocks of grad L_k equals the full-batch gradient, and L_k averages to L."""
+    sub, full = subset_problem()
+    out = torch.tensor(np.random.default_rng(9).uniform(0.5, 1.5, (1, 1, 6, 5)), dtype=torch.float32,
+                       requires_grad=True)
+    full(out).backward()
+    g_full = out.grad.clone()
+    grads = []
+    for k in range(len(sub.subsets)):
+        out.grad = None
+        sub(out, k).backward()
+        grads.append(out.grad.clone())
+    torch.testing.assert_close(torch.stack(grads).mean(0), g_full, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(grads[0], g_full, rtol=1e-2)        # a single block is not the full gradient
+    assert float(sub.full(out)) == pytest.approx(float(full(out)), rel=1e-5)
+
+
+def test_subset_method_reaches_full_batch_likelihood():
+    """From the same start, Adam on random blocks reaches the full-batch optimum's likelihood
+    within 1% of the total decrease (a pixel image through a softplus, so x > 0)."""
+    sub, full = subset_problem(n=2000, k=8)
+    start = torch.zeros(1, 1, 6, 5)
+    finals = {}
+    for name, loss in (("full", full), ("subset", sub)):
+        torch.manual_seed(0)
+        z = start.clone().requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=0.05)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 if e < 1500 else 0.1)
+        for _ in range(3000):
+            opt.zero_grad()
+            loss(torch.nn.functional.softplus(z, beta=20.0)).backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            finals[name] = float(full(torch.nn.functional.softplus(z, beta=20.0)))
+    with torch.no_grad():
+        initial = float(full(torch.nn.functional.softplus(start, beta=20.0)))
+    decrease = initial - finals["full"]
+    assert decrease > 0
+    assert abs(finals["subset"] - finals["full"]) <= 0.01 * decrease
+
+
+def test_non_negative_output_and_plateau_stop_in_training(tmp_path):
+    """The softplus wrapper gives positive images; an early stop ends training, is recorded, and a
+    rerun does not train on."""
+    from equipet.training import MSELoss, TrainSettings, train
+
+    net = NonNegativeOutput(torch.nn.Conv2d(1, 1, 3, padding=1))
+    x = torch.randn(1, 1, 8, 8)
+    assert (net(x) > 0).all()
+    target = torch.zeros(8, 8)           # unreachable for a softplus: the loss plateaus above 0
+    settings = TrainSettings(epochs=5000, learning_rate=0.05, snapshots=[5000], checkpoint_every=100, seed=0,
+                             device="cpu", deterministic=True)
+    res = train(net, x, MSELoss(target), settings, tmp_path, stop_rule=PlateauStop(20, 0.01, 100))
+    n = len(res.losses)
+    assert 40 < n < 5000
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    assert timing["stopped_early"] and timing["epochs"] == n and timing["epochs_requested"] == 5000
+    assert n in res.snapshots
+    again = train(NonNegativeOutput(torch.nn.Conv2d(1, 1, 3, padding=1)), x, MSELoss(target), settings, tmp_path,
+                  stop_rule=PlateauStop(20, 0.01, 100))
+    assert len(again.losses) == n

@@ -17,18 +17,23 @@ and its evaluation need for one CTR into one ``slice.npz``:
   projector's one-voxel interpolation halo) crosses the slab box, and whose single-slice
   projection of a uniform image is non-zero (the others do not depend on the slice);
   optionally a uniform random subset of ``max_events`` of them, whose fraction
-  ``event_fraction`` scales the sensitivity term of the likelihood;
+  ``event_fraction`` scales the sensitivity term of the likelihood; stored in random order
+  (``assisted.event_seed``), so that consecutive blocks are random subsets;
 * ``background``: for each kept event the contribution of the activity *outside* the slab,
   ``b_e = [A_3D x_MLEM^{last}]_e`` with the slab zeroed (``assisted.out_of_slice``), so that
   the slice's expected event density is ``(A_slice x)_e + b_e``;
 * ``sensitivity``: the slab's sum of the 3-D sensitivity image (for ``n = 1`` exactly the
   sensitivity of the single-slice model);
-* with ``assisted.loss = l2``: Monte Carlo LORs ``mc_p1, mc_p2, mc_tof`` (uniform crystal
+* with ``l2`` among ``assisted.methods``: Monte Carlo LORs ``mc_p1, mc_p2, mc_tof`` (uniform crystal
   pairs crossing the slab, uniform TOF offsets on ``[-T/2, T/2]``), their out-of-slab term
   ``mc_background`` and the measure ``mc_weight`` of each sample, for the quadratic term
   of the least-squares loss (:class:`equipet.assisted.ListmodeLeastSquaresLoss`), and the
   attenuation factors ``eta``, ``mc_eta`` (``exp(-int mu)`` along each LOR) that the squared
   error needs (in the Poisson likelihood a per-event factor cancels, as in MLEM).
+
+``equipet-central-slice --system-out system.pt`` also stores the slice's system matrix for
+those events (:func:`slice_system_matrix`: CSR of ``A`` and of ``A^T``), built once per CTR
+and reused by every model and seed of the ``poisson`` method.
 
 ``equipet-central-slice`` also scores the MLEM-only baselines a physicist would use without a
 network (``baselines.csv``): MLEM at the early iteration, at its best iteration (lowest
@@ -52,7 +57,7 @@ import torch
 from equipet import cli
 from equipet.errors import ConfigError, InputDataError
 from equipet.files import atomic_path
-from equipet.projector import ImageGeometry, ListmodeTOFProjector, tof_fwhm_mm
+from equipet.projector import ImageGeometry, ListmodeTOFProjector, SparseSystemMatrix, tof_fwhm_mm
 
 log = logging.getLogger("equipet.central_slice")
 
@@ -221,6 +226,9 @@ def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path
         keep = np.sort(rng.choice(n_crossing, sec["max_events"], replace=False))
         ev = ev.subset(keep)
     fraction = len(ev) / max(n_crossing, 1)
+    # random order: consecutive blocks of events are then random subsets (the stochastic
+    # assisted method draws such blocks)
+    ev = ev.subset(rng.permutation(len(ev)))
     if len(ev) == 0:
         raise InputDataError("no event crosses the slice", where=str(coincidences),
                              fix="check assisted.slice_index and the acquisition")
@@ -246,7 +254,7 @@ def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path
         "geometry_shape": np.asarray(g2.shape), "geometry_voxel_mm": np.asarray(g2.voxel_size_mm),
         "geometry_origin_mm": np.asarray(g2.origin_mm), "slab": np.asarray([k0, k1]),
     }
-    if sec["loss"] == "l2":
+    if "l2" in sec["methods"]:
         radius = float(np.hypot(*np.asarray(g2.extent_mm[:2]) / 2.0))
         t_range = 2 * radius + (2 * mlem["tof_truncation_sigma"] * fwhm * FWHM_TO_SIGMA if fwhm else 0.0)
         mp1, mp2, mtof, w = sample_slice_lors(scanner, g2, sec["l2_mc_lors"], t_range, rng)
@@ -264,6 +272,27 @@ def geometry_from_npz(data: Mapping[str, np.ndarray]) -> ImageGeometry:
     return ImageGeometry(tuple(int(v) for v in data["geometry_shape"]),
                          tuple(float(v) for v in data["geometry_voxel_mm"]),
                          tuple(float(v) for v in data["geometry_origin_mm"]))
+
+
+def slice_projector(data: Mapping[str, np.ndarray], p1: str, p2: str, tof: str, device: torch.device,
+                    cache_mb: float = 0.0, chunk_size: int = 8192) -> ListmodeTOFProjector:
+    """Single-slice TOF projector (on the fly) for the stored events ``p1, p2, tof`` of ``slice.npz``."""
+    fwhm = float(data["tof_fwhm_mm"])
+    t = lambda k: torch.as_tensor(data[k], dtype=torch.float32, device=device)  # noqa: E731
+    return ListmodeTOFProjector(geometry_from_npz(data), t(p1), t(p2), None if np.isnan(fwhm) else t(tof),
+                                None if np.isnan(fwhm) else fwhm, float(data["tof_truncation_sigma"]),
+                                chunk_size, cache_mb)
+
+
+def slice_system_matrix(data: Mapping[str, np.ndarray], device: torch.device | str = "cpu",
+                        chunk_size: int = 8192) -> SparseSystemMatrix:
+    """The slice's system matrix for its events, stored once per CTR (``system.pt``).
+
+    Exactly the weights of :func:`slice_projector`, kept as CSR of ``A`` and of ``A^T``
+    (:class:`equipet.projector.SparseSystemMatrix`), in the event order of ``slice.npz``;
+    every assisted run of the CTR (each model and seed) reuses it.
+    """
+    return slice_projector(data, "p1", "p2", "tof", torch.device(device), 0.0, chunk_size).to_sparse()
 
 
 def gaussian_filter_mm(image: np.ndarray, fwhm_mm: float, voxel_mm: float) -> np.ndarray:
@@ -324,6 +353,7 @@ def _main(argv: Sequence[str] | None) -> None:
     p.add_argument("--ctr-ps", type=float, required=True)
     p.add_argument("--out", type=Path, required=True, help="slice.npz")
     p.add_argument("--baselines-out", type=Path, required=True, help="tidy CSV of the MLEM baselines")
+    p.add_argument("--system-out", type=Path, help="system.pt: the slice's stored system matrix (torch.save)")
     args = p.parse_args(argv)
     cli.setup_logging(args.log)
     cfg = cli.settings_from_args(args)
@@ -336,4 +366,14 @@ def _main(argv: Sequence[str] | None) -> None:
         np.savez_compressed(fh, **data)
     with atomic_path(args.baselines_out) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
+    if args.system_out is not None:
+        from equipet.device import select_device
+        from equipet.mlem import chunk_events
+
+        device = select_device(cfg["device"])
+        system = slice_system_matrix(data, device, chunk_events(cfg["mlem"], device))
+        with atomic_path(args.system_out) as tmp:
+            torch.save(system.to("cpu").state_dict(), tmp)
+        log.info("wrote %s: %d events, %d non-zeros (%.0f MB with its transpose)", args.system_out,
+                 system.n_events, system.nnz, system.nbytes / 1e6)
     log.info("wrote %s (%d events) and %s", args.out, len(data["tof"]), args.baselines_out)

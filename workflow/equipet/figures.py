@@ -141,10 +141,12 @@ def generalisation_figure(metrics: pd.DataFrame, out: Path) -> None:
 
 
 def run_labels(run_dir: Path) -> dict[str, object]:
-    """Experiment, model, seed (and CTR) of a run directory.
+    """Experiment, model, seed (and CTR, assisted method) of a run directory.
 
-    Runs live in ``<results>/<experiment>/[ctr<CTR>/]<model>/seed<N>``.
+    Runs live in ``<results>/<experiment>/[ctr<CTR>/[<method>/]]<model>/seed<N>``.
 
+    >>> run_labels(Path("results/assisted/ctr100/paper/scnn/seed2"))
+    {'experiment': 'assisted', 'model': 'scnn', 'seed': 2, 'method': 'paper', 'ctr_ps': 100.0}
     >>> run_labels(Path("results/assisted/ctr100/scnn/seed2"))
     {'experiment': 'assisted', 'model': 'scnn', 'seed': 2, 'ctr_ps': 100.0}
     >>> run_labels(Path("results/denoise/cnn/seed0"))
@@ -154,6 +156,9 @@ def run_labels(run_dir: Path) -> dict[str, object]:
     labels: dict[str, object] = {"model": run_dir.parent.name,
                                  "seed": int(run_dir.name.removeprefix("seed"))}
     above = run_dir.parent.parent
+    if not above.name.startswith("ctr") and above.parent.name.startswith("ctr"):
+        labels["method"] = above.name
+        above = above.parent
     if above.name.startswith("ctr"):
         labels["ctr_ps"] = float(above.name.removeprefix("ctr"))
         above = above.parent

@@ -84,9 +84,14 @@ GROUPS_PER_CHUNK = 8
 C_MM_PER_PS = 0.299792458
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
-# torch marks its CSR layout "beta" with a warning at each construction; the products used
-# here (CSR @ dense column) are tested against the on-the-fly projector.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A torch CSR tensor. torch marks the layout "beta" with a warning at each construction;
+    the products used here (CSR @ dense column) are tested against the on-the-fly projector."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
 
 
 def tof_fwhm_mm(ctr_ps: float) -> float:
@@ -470,7 +475,7 @@ class SparseSystemMatrix:
         self.geometry = geometry
         n_rows = int(crow.numel()) - 1
         self.crow, self.col, self.val = crow, col, val
-        self.A = torch.sparse_csr_tensor(crow, col, val, (n_rows, geometry.n_voxels), check_invariants=False)
+        self.A = _csr(crow, col, val, (n_rows, geometry.n_voxels))
         if transpose is None:
             at = self.A.to_sparse_coo().t().coalesce()   # (V, N), sorted by voxel
             r, c = at.indices()
@@ -478,7 +483,7 @@ class SparseSystemMatrix:
             tcrow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(crow.dtype)
             transpose = (tcrow, c.to(col.dtype), at.values())
         self.transpose_parts = transpose
-        self.AT = torch.sparse_csr_tensor(*transpose, (geometry.n_voxels, n_rows), check_invariants=False)
+        self.AT = _csr(*transpose, (geometry.n_voxels, n_rows))
 
     @classmethod
     def from_chunks(cls, chunks: Sequence[SystemRows], geometry: ImageGeometry) -> "SparseSystemMatrix":

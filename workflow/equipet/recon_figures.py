@@ -50,17 +50,26 @@ def _save(fig: plt.Figure, out: Path) -> None:
     plt.close(fig)
 
 
+def of_method(metrics: pd.DataFrame, method: str | None) -> pd.DataFrame:
+    """The rows of one assisted method, plus the MLEM baselines (which have no method)."""
+    if method is None or "method" not in metrics:
+        return metrics
+    return metrics[(metrics["method"] == method) | metrics["method"].isna()]
+
+
 def final_rows(metrics: pd.DataFrame) -> pd.DataFrame:
     """Assisted rows at each run's last snapshot, and the baseline rows (``split=baseline``)."""
     a = metrics[metrics["experiment"] == "assisted"]
     train = a[a["split"] == "train"]
-    last = train.groupby(["ctr_ps", "model", "seed"])["epoch"].transform("max")
+    keys = ["ctr_ps", "method", "model", "seed"] if "method" in a else ["ctr_ps", "model", "seed"]
+    last = train.groupby(keys, dropna=False)["epoch"].transform("max")
     return pd.concat([train[train["epoch"] == last], a[a["split"].isin(["baseline", "training"])]],
                      ignore_index=True)
 
 
-def assisted_figure(slice_npz: Path, run_dirs: Sequence[Path], phantom_cfg: dict, out: Path) -> None:
-    """Fig. 4/5 equivalent for one CTR (module doc)."""
+def assisted_figure(slice_npz: Path, run_dirs: Sequence[Path], phantom_cfg: dict, out: Path,
+                    method: str = "") -> None:
+    """Fig. 4/5 equivalent for one CTR and method (module doc)."""
     from equipet.central_slice import geometry_from_npz
     from equipet.phantom import hot_rod_phantom
     from equipet.rod_metrics import outer_row, row_profile
@@ -133,7 +142,8 @@ def assisted_figure(slice_npz: Path, run_dirs: Sequence[Path], phantom_cfg: dict
             ax.tick_params(labelsize=7)
             if k == 0:
                 ax.legend(fontsize=6)
-    fig.suptitle(f"Assisted reconstruction, CTR {float(data['ctr_ps']):g} ps", fontsize=10)
+    fig.suptitle(f"Assisted reconstruction, CTR {float(data['ctr_ps']):g} ps"
+                 + (f", method {method}" if method else ""), fontsize=10)
     _save(fig, out)
 
 
@@ -196,21 +206,24 @@ def _main(argv: Sequence[str] | None) -> None:
     c = sub.add_parser("crc", help="CTR x model CRC / VPR per rod size")
     c.add_argument("--log", type=Path)
     c.add_argument("--metrics", type=Path, nargs="+", required=True)
+    c.add_argument("--method", help="assisted method whose runs are shown (all when omitted)")
     c.add_argument("--out", type=Path, required=True)
     s = sub.add_parser("summary", help="summary table of one CTR")
     s.add_argument("--log", type=Path)
     s.add_argument("--metrics", type=Path, nargs="+", required=True)
     s.add_argument("--ctr-ps", type=float, required=True)
+    s.add_argument("--method", help="assisted method whose runs are summarised (all when omitted)")
     s.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     cli.setup_logging(args.log)
     if args.what == "assisted":
         cfg = cli.settings_from_args(args)
-        assisted_figure(args.slice, args.runs, cfg["phantom"], args.out)
+        method = {Path(d).parent.parent.name for d in args.runs}
+        assisted_figure(args.slice, args.runs, cfg["phantom"], args.out, method.pop() if len(method) == 1 else "")
     elif args.what == "crc":
-        crc_figure(read_tables(args.metrics), args.out)
+        crc_figure(of_method(read_tables(args.metrics), args.method), args.out)
     else:
-        table = summary_table(read_tables(args.metrics), args.ctr_ps)
+        table = summary_table(of_method(read_tables(args.metrics), args.method), args.ctr_ps)
         with atomic_path(args.out) as tmp:
             table.to_csv(tmp, index=False)
     log.info("wrote %s", args.out)

@@ -163,9 +163,13 @@ class PoissonNLLLoss(_ForwardModelLoss):
     def forward(self, output: torch.Tensor) -> torch.Tensor:
         expected = self.predicted(output)
         m = self.measurement
-        floored = expected.clamp_min(self.floor_counts)
-        tangent_slope = 1.0 - m / self.floor_counts
-        return torch.sum(floored - m * torch.log(floored) + tangent_slope * (expected - floored))
+        f = self.floor_counts
+        # select the branch (not add the tangent everywhere): above the floor the tangent's
+        # gradient terms (1 - m/f) - (1 - m/f) would cancel catastrophically in float32
+        above = expected > f
+        safe = torch.where(above, expected, torch.full_like(expected, f))
+        at_floor = f - m * math.log(f) + (1.0 - m / f) * (expected - f)
+        return torch.sum(torch.where(above, safe - m * torch.log(safe), at_floor))
 
 
 # --------------------------------------------------------------------------- settings & results
@@ -382,8 +386,14 @@ def train(
     out_dir: str | os.PathLike,
     desc: str = "",
     on_epoch_end: Callable[[int, float], None] | None = None,
+    stop_rule: Callable[[list[float]], bool] | None = None,
 ) -> TrainResult:
     """Train ``model`` on the single ``net_input`` (1, 1, H, W) to minimise ``loss(model(net_input))``.
+
+    ``stop_rule(losses)``, when given, is asked after every epoch with the loss history; when it
+    answers True training ends there (an early stop): a snapshot of that epoch is saved, the
+    checkpoint records the stop (a rerun does not train on), and ``timing.json`` counts the
+    epochs actually run.
 
     One Adam step per epoch. Writes the files listed in the module docstring
     into ``out_dir``; resumes from ``out_dir/checkpoint.pt`` when it holds an
@@ -418,7 +428,7 @@ def train(
         # deterministic version, so warn instead of failing there.
         torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
     try:
-        return _train(model, net_input, loss, settings, out_dir, desc, on_epoch_end, device)
+        return _train(model, net_input, loss, settings, out_dir, desc, on_epoch_end, device, stop_rule)
     finally:
         torch.use_deterministic_algorithms(previous_det[0], warn_only=previous_det[1])
 
@@ -432,6 +442,7 @@ def _train(
     desc: str,
     on_epoch_end: Callable[[int, float], None] | None,
     device: torch.device,
+    stop_rule: Callable[[list[float]], bool] | None = None,
 ) -> TrainResult:
     fingerprint = _fingerprint(model, net_input, loss, settings)
     model.to(device)
@@ -446,6 +457,7 @@ def _train(
     losses: list[float] = []
     wall_time_s: list[float] = []
     start_epoch = 0
+    stopped_at = 0          # epoch of an early stop (stop_rule), 0 when none
     ckpt_path = out_dir / CHECKPOINT_NAME
     if ckpt_path.exists():
         ckpt = _load_checkpoint(ckpt_path, fingerprint, settings)
@@ -456,6 +468,7 @@ def _train(
         losses = [float(v) for v in ckpt["losses"]]
         wall_time_s = [float(v) for v in ckpt["wall_time_s"]]
         start_epoch = int(ckpt["epoch"])
+        stopped_at = start_epoch if ckpt.get("stopped_early") else 0
         _set_rng_state(ckpt["rng"])
         log.info("%s: resuming from %s at epoch %d", desc or out_dir, ckpt_path, start_epoch)
 
@@ -480,6 +493,7 @@ def _train(
 
     def write_checkpoint(epoch: int) -> None:
         _save_torch(ckpt_path, {
+            "stopped_early": bool(stopped_at),
             "format": _CHECKPOINT_FORMAT,
             "fingerprint": fingerprint,
             "epoch": epoch,
@@ -505,7 +519,7 @@ def _train(
 
     elapsed_s = wall_time_s[-1] if wall_time_s else 0.0
     bar = tqdm(
-        range(start_epoch + 1, settings.epochs + 1),
+        range(start_epoch + 1, (stopped_at or settings.epochs) + 1),
         desc=desc or out_dir.name, initial=start_epoch, total=settings.epochs, mininterval=1.0, leave=False,
     )
     for epoch in bar:
@@ -535,16 +549,27 @@ def _train(
         bar.set_postfix(loss=f"{value_f:.4g}", refresh=False)
         if on_epoch_end is not None:
             on_epoch_end(epoch, value_f)
+        if stop_rule is not None and epoch < settings.epochs and stop_rule(losses):
+            stopped_at = epoch
+            if epoch not in snapshots:
+                snapshots[epoch] = _eval_output(model, net_input)
+                _save_npy(_snapshot_path(out_dir, epoch), snapshots[epoch])
+            write_checkpoint(epoch)
+            log.info("%s: early stop at epoch %d (loss plateau)", desc or out_dir, epoch)
+            break
     bar.close()
 
-    if start_epoch == settings.epochs:  # nothing left to do; refresh the outputs
-        write_checkpoint(settings.epochs)
+    if start_epoch == (stopped_at or settings.epochs):  # nothing left to do; refresh the outputs
+        write_checkpoint(start_epoch)
     _save_torch(out_dir / "model.pt", _state_dict_cpu(model))
     total_s = wall_time_s[-1] if wall_time_s else 0.0
+    epochs_run = len(losses)
     timing = {
-        "epochs": settings.epochs,
+        "epochs": epochs_run,
+        "epochs_requested": settings.epochs,
+        "stopped_early": bool(stopped_at),
         "total_s": total_s,
-        "s_per_epoch": total_s / settings.epochs,
+        "s_per_epoch": total_s / max(epochs_run, 1),
         "device": str(device),
         "torch": torch.__version__,
         "n_parameters": n_parameters,
@@ -554,7 +579,7 @@ def _train(
         tmp.write_text(json.dumps(timing, indent=2) + "\n")
     log.info(
         "%s: done, %d epochs in %.1f s (%.4f s/epoch) on %s; final loss %.6g",
-        desc or out_dir, settings.epochs, total_s, timing["s_per_epoch"], device, losses[-1] if losses else float("nan"),
+        desc or out_dir, epochs_run, total_s, timing["s_per_epoch"], device, losses[-1] if losses else float("nan"),
     )
     return TrainResult(
         losses=np.asarray(losses, dtype=np.float64),

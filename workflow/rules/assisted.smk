@@ -2,9 +2,10 @@
 # metrics against the phantom truth next to MLEM-only baselines, and the paper-claims table.
 #
 #   central_slice:   per CTR, the early-MLEM central slice, its truth, every MLEM iteration's
-#                    slice, the list-mode events crossing it (+ out-of-slice term) and the
-#                    MLEM baselines' metrics (baselines.csv)
-#   assisted_train:  per CTR, model and seed (GPU when there is one)
+#                    slice, the list-mode events crossing it (+ out-of-slice term), the MLEM
+#                    baselines' metrics (baselines.csv) and the slice's stored system matrix
+#                    (system.pt, reused by every model and seed of the poisson method)
+#   assisted_train:  per CTR, method, model and seed (GPU when there is one)
 #   assisted_figure / assisted_crc_figure / assisted_summary / paper_claims: aggregation
 #
 # Needs the rules of workflow/rules/reconstruction.smk (mlem, sensitivity) and of
@@ -20,6 +21,7 @@ rule central_slice:
     output:
         slice=f"{ASSISTED}/ctr{{ctr}}/slice.npz",
         baselines=f"{ASSISTED}/ctr{{ctr}}/baselines.csv",
+        system=f"{ASSISTED}/ctr{{ctr}}/system.pt",
     conda:
         CONDA_ENV
     log:
@@ -31,29 +33,30 @@ rule central_slice:
         mlem_dir=lambda w, input: str(Path(input.images[0]).parent),
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=16000,
         runtime=60,
     shell:
         "equipet-central-slice --settings {params.settings:q} --mlem-dir {params.mlem_dir} "
         "--sensitivity {input.sensitivity} --coincidences {input.root} --ctr-ps {wildcards.ctr} "
-        "--out {output.slice} --baselines-out {output.baselines} --log {log}"
+        "--out {output.slice} --baselines-out {output.baselines} --system-out {output.system} --log {log}"
 
 
 rule assisted_train:
     input:
         slice=f"{ASSISTED}/ctr{{ctr}}/slice.npz",
+        system=f"{ASSISTED}/ctr{{ctr}}/system.pt",
     output:
-        metrics=f"{ASSISTED}/ctr{{ctr}}/{{model}}/seed{{seed}}/metrics.csv",
-        loss=f"{ASSISTED}/ctr{{ctr}}/{{model}}/seed{{seed}}/loss.csv",
-        timing=f"{ASSISTED}/ctr{{ctr}}/{{model}}/seed{{seed}}/timing.json",
-        images=f"{ASSISTED}/ctr{{ctr}}/{{model}}/seed{{seed}}/eval.npz",
-        summary=f"{ASSISTED}/ctr{{ctr}}/{{model}}/seed{{seed}}/summary.json",
+        metrics=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/metrics.csv",
+        loss=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/loss.csv",
+        timing=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/timing.json",
+        images=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/eval.npz",
+        summary=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/summary.json",
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/assisted/ctr{{ctr}}_{{model}}_seed{{seed}}.log",
+        f"{LOGS}/assisted/ctr{{ctr}}_{{method}}_{{model}}_seed{{seed}}.log",
     benchmark:
-        f"{BENCH}/assisted/ctr{{ctr}}_{{model}}_seed{{seed}}.tsv"
+        f"{BENCH}/assisted/ctr{{ctr}}_{{method}}_{{model}}_seed{{seed}}.tsv"
     params:
         settings=settings("assisted", "models", "training", "phantom", "mlem"),
         out_dir=lambda w, output: str(Path(output.metrics).parent),
@@ -63,28 +66,31 @@ rule assisted_train:
         runtime=720,
         gpu=1,
     shell:
-        "equipet-assisted --settings {params.settings:q} --slice {input.slice} "
-        "--model {wildcards.model} --seed {wildcards.seed} --out-dir {params.out_dir} --log {log}"
+        "equipet-assisted --settings {params.settings:q} --slice {input.slice} --system {input.system} "
+        "--method {wildcards.method} --model {wildcards.model} --seed {wildcards.seed} "
+        "--out-dir {params.out_dir} --log {log}"
 
 
 rule assisted_figure:
     input:
         slice=f"{ASSISTED}/ctr{{ctr}}/slice.npz",
-        runs=lambda w: [f"{d}/{f}" for d in assisted_run_dirs(w.ctr) for f in ("eval.npz", "loss.csv")],
+        runs=lambda w: [
+            f"{d}/{f}" for d in assisted_run_dirs(w.ctr, w.method) for f in ("eval.npz", "loss.csv")
+        ],
     output:
         report(
-            f"{RESULTS}/figures/assisted_ctr{{ctr}}.png",
+            f"{RESULTS}/figures/assisted_ctr{{ctr}}_{{method}}.png",
             caption="../report/assisted_figure.rst",
             category="Assisted reconstruction",
-            subcategory="CTR {ctr} ps",
+            subcategory="CTR {ctr} ps, method {method}",
         ),
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/figures/assisted_ctr{{ctr}}.log",
+        f"{LOGS}/figures/assisted_ctr{{ctr}}_{{method}}.log",
     params:
         settings=settings("phantom"),
-        runs=lambda w: assisted_run_dirs(w.ctr),
+        runs=lambda w: assisted_run_dirs(w.ctr, w.method),
     localrule: True
     resources:
         mem_mb=2000,
@@ -99,43 +105,44 @@ rule assisted_crc_figure:
         assisted_metric_files(),
     output:
         report(
-            f"{RESULTS}/figures/assisted_crc.png",
+            f"{RESULTS}/figures/assisted_crc_{{method}}.png",
             caption="../report/assisted_crc.rst",
             category="Assisted reconstruction",
         ),
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/figures/assisted_crc.log",
+        f"{LOGS}/figures/assisted_crc_{{method}}.log",
     localrule: True
     resources:
         mem_mb=2000,
         runtime=5,
     shell:
-        "equipet-recon-figures crc --metrics {input} --out {output} --log {log}"
+        "equipet-recon-figures crc --metrics {input} --method {wildcards.method} --out {output} --log {log}"
 
 
 rule assisted_summary:
     input:
-        lambda w: [f"{d}/metrics.csv" for d in assisted_run_dirs(w.ctr)]
+        lambda w: [f"{d}/metrics.csv" for d in assisted_run_dirs(w.ctr, w.method)]
         + [f"{ASSISTED}/ctr{w.ctr}/baselines.csv"],
     output:
         report(
-            f"{RESULTS}/tables/assisted_summary_ctr{{ctr}}.csv",
+            f"{RESULTS}/tables/assisted_summary_ctr{{ctr}}_{{method}}.csv",
             caption="../report/assisted_summary.rst",
             category="Assisted reconstruction",
-            subcategory="CTR {ctr} ps",
+            subcategory="CTR {ctr} ps, method {method}",
         ),
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/tables/assisted_summary_ctr{{ctr}}.log",
+        f"{LOGS}/tables/assisted_summary_ctr{{ctr}}_{{method}}.log",
     localrule: True
     resources:
         mem_mb=1000,
         runtime=5,
     shell:
-        "equipet-recon-figures summary --metrics {input} --ctr-ps {wildcards.ctr} --out {output} --log {log}"
+        "equipet-recon-figures summary --metrics {input} --ctr-ps {wildcards.ctr} --method {wildcards.method} "
+        "--out {output} --log {log}"
 
 
 rule paper_claims:

@@ -35,10 +35,12 @@ MLEM_ITERATIONS = list(range(1, config["mlem"]["iterations"] + 1))
 ASSISTED = f"{RESULTS}/assisted"
 ASSISTED_CTRS = SIM_CTRS
 ASSISTED_MLEM_ITERATIONS = MLEM_ITERATIONS
+ASSISTED_METHODS = config["assisted"]["methods"]
 
 
 wildcard_constraints:
     model="cnn|scnn",
+    method="paper|poisson|poisson_full|l2",
     seed=r"\d+",
     experiment="denoise|radon_recon",
     ctr=r"\d+",
@@ -108,10 +110,18 @@ def reconstruction_targets():
     )
 
 
-def assisted_run_dirs(ctr=None):
-    """Run directories results/assisted/ctr{ctr}/{model}/seed{seed} (all CTRs when ctr is None)."""
+def assisted_run_dirs(ctr=None, method=None):
+    """Run directories results/assisted/ctr{ctr}/{method}/{model}/seed{seed} (all CTRs and
+    methods when None)."""
     ctrs = ASSISTED_CTRS if ctr is None else [ctr]
-    return expand(f"{ASSISTED}/ctr{{ctr}}/{{model}}/seed{{seed}}", ctr=ctrs, model=MODELS, seed=SEEDS)
+    methods = ASSISTED_METHODS if method is None else [method]
+    return expand(
+        f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}",
+        ctr=ctrs,
+        method=methods,
+        model=MODELS,
+        seed=SEEDS,
+    )
 
 
 def assisted_metric_files():
@@ -128,10 +138,18 @@ def brain_run_dirs():
 def assisted_targets():
     """Final outputs of the assisted-reconstruction stage, for rule all."""
     return (
-        expand(f"{RESULTS}/figures/assisted_ctr{{ctr}}.png", ctr=ASSISTED_CTRS)
-        + expand(f"{RESULTS}/tables/assisted_summary_ctr{{ctr}}.csv", ctr=ASSISTED_CTRS)
+        expand(
+            f"{RESULTS}/figures/assisted_ctr{{ctr}}_{{method}}.png",
+            ctr=ASSISTED_CTRS,
+            method=ASSISTED_METHODS,
+        )
+        + expand(
+            f"{RESULTS}/tables/assisted_summary_ctr{{ctr}}_{{method}}.csv",
+            ctr=ASSISTED_CTRS,
+            method=ASSISTED_METHODS,
+        )
+        + expand(f"{RESULTS}/figures/assisted_crc_{{method}}.png", method=ASSISTED_METHODS)
         + [
-            f"{RESULTS}/figures/assisted_crc.png",
             f"{RESULTS}/tables/paper_claims.csv",
         ]
     )
