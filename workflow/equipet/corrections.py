@@ -261,7 +261,7 @@ def pair_measure(scanner: Scanner, geometry: Any, bins: ScatterBins, n_pairs: in
     centres = scanner.all_crystal_centres_mm()
     rng = np.random.default_rng(seed)
     hist = np.zeros(int(np.prod(bins.lor_shape)), dtype=np.float64)
-    randoms = 0.0
+    randoms_sum = 0.0
     drawn = hit_total = 0
     while hit_total < n_pairs:
         m = 1 << 20
@@ -276,9 +276,9 @@ def pair_measure(scanner: Scanner, geometry: Any, bins: ScatterBins, n_pairs: in
         k = bins.lor_index(th, s, dz)
         hist += np.bincount(k[k >= 0], minlength=hist.size)
         if randoms is not None:
-            randoms += float(randoms.expected(i, j).sum())
+            randoms_sum += float(randoms.expected(i, j).sum())
     scale = space / (2.0 * drawn)
-    return hist.reshape(bins.lor_shape) * scale, randoms * scale
+    return hist.reshape(bins.lor_shape) * scale, randoms_sum * scale
 
 
 # ---------------------------------------------------------------------------------------
