@@ -17,6 +17,11 @@ middle of the LOR, towards detector 1 (``globalPos*1``) when positive. The embed
 simulator orders each coincidence so that single 1 opened the window, hence
 ``time1 <= time2`` before any reordering by the reader.
 
+Singles: the embedded simulator also writes the singles of each detection element in a
+``singlesPerElement`` tree (what a scanner reports as singles rates); :func:`merge_root`
+sums them over jobs, and :func:`read_singles_counts` reads them (or counts GATE's own
+``Singles`` tree). The randoms estimate of :mod:`equipet.corrections` uses them.
+
 Split jobs: each job numbers its decays from 0 (as each GATE job does); :func:`merge_root`
 offsets ``eventID1/2`` by the decays of the preceding jobs (read from the ``equipet_meta``
 string the embedded simulator writes, else ``max(eventID) + 1``) so that IDs stay unique.
@@ -40,6 +45,11 @@ log = logging.getLogger("equipet.gate_root")
 
 TREE = "Coincidences"
 META = "equipet_meta"
+#: singles per detection element (branch ``counts``, one entry per element in
+#: :meth:`equipet.scanner.Scanner.flat_index` order), written by the embedded simulator;
+#: GATE's own per-single ``Singles`` tree (``setRootSinglesFlag 1``) carries the same information.
+SINGLES_TREE = "singlesPerElement"
+GATE_SINGLES_TREE = "Singles"
 C_MM_PER_S = 2.99792458e11
 
 _HALF = [
@@ -95,6 +105,8 @@ class CoincidenceWriter:
         self._file = None
         self._tree = None
         self.n_written = 0
+        #: singles per detection element, written as :data:`SINGLES_TREE` on a clean close
+        self.singles_counts: np.ndarray | None = None
 
     def __enter__(self) -> "CoincidenceWriter":
         import tempfile
@@ -135,6 +147,8 @@ class CoincidenceWriter:
             if exc_type is None:
                 self.meta.setdefault("n_coincidences", self.n_written)
                 self._file[META] = json.dumps(self.meta, sort_keys=True)
+                if self.singles_counts is not None:
+                    self._file[SINGLES_TREE] = {"counts": np.asarray(self.singles_counts, dtype=np.int64)}
             self._file.close()
             if exc_type is None:
                 os.replace(self._tmp, self.path)
@@ -236,6 +250,37 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise InputDataError(f"cannot read '{META}' ({exc})", where=str(path)) from exc
 
 
+def read_singles_counts(path: str | os.PathLike, scanner: Any) -> np.ndarray | None:
+    """Singles per detection element (``scanner.n_crystals``, int64, flat-index order), or None.
+
+    From the embedded simulator's :data:`SINGLES_TREE`, else by counting GATE's ``Singles``
+    tree by ``rsectorID, moduleID, crystalID, layerID``; None when the file has neither.
+    """
+    import uproot
+
+    try:
+        with uproot.open(path) as f:
+            keys = {k.split(";")[0] for k in f.keys(recursive=False)}
+            if SINGLES_TREE in keys:
+                counts = np.asarray(f[SINGLES_TREE]["counts"].array(library="np"), dtype=np.int64)
+                if counts.size != scanner.n_crystals:
+                    raise InputDataError(f"{SINGLES_TREE} has {counts.size} elements, the scanner "
+                                         f"{scanner.n_crystals}", where=f"{path}: {SINGLES_TREE}.counts",
+                                         fix="reconstruct with the scanner section the acquisition was simulated with")
+                return counts
+            if GATE_SINGLES_TREE in keys:
+                counts = np.zeros(scanner.n_crystals, dtype=np.int64)
+                names = ["rsectorID", "moduleID", "crystalID", "layerID"]
+                for arr in f[GATE_SINGLES_TREE].iterate(names, step_size=2_000_000, library="np"):
+                    counts += np.bincount(scanner.flat_index(*(arr[n] for n in names)),
+                                          minlength=scanner.n_crystals)
+                return counts
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputDataError(f"cannot read the singles counts ({exc})", where=str(path),
+                             fix="the file is truncated or corrupt: delete it and rerun the stage that wrote it") from exc
+    return None
+
+
 def lor_endpoints_mm(chunk: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Detector 1 and detector 2 positions (``globalPos*1``, ``globalPos*2``), each (n, 3) float64, mm."""
     p1 = np.stack([chunk["globalPosX1"], chunk["globalPosY1"], chunk["globalPosZ1"]], axis=1).astype(np.float64)
@@ -289,11 +334,23 @@ def merge_root(parts: Sequence[str | os.PathLike], out: str | os.PathLike, step_
     """
     from tqdm import tqdm
 
+    import uproot
+
     offset = 0
     metas = []
+    singles: np.ndarray | None = None
+    all_singles = True
     for p in parts:  # validate all inputs before writing anything
         _open_tree(p, None)[0].close()
+        with uproot.open(p) as f:
+            if SINGLES_TREE in {k.split(";")[0] for k in f.keys(recursive=False)}:
+                c = np.asarray(f[SINGLES_TREE]["counts"].array(library="np"), dtype=np.int64)
+                singles = c if singles is None else singles + c
+            else:
+                all_singles = False
     with CoincidenceWriter(out) as w:
+        if all_singles and singles is not None:
+            w.singles_counts = singles
         for p in tqdm(parts, desc="merge", unit="job", disable=None):
             meta = read_meta(p)
             max_id = -1

@@ -9,7 +9,8 @@ alike). Per chunk:
    ``events="trues"`` also ``eventID1 == eventID2`` (not random) and no Compton or Rayleigh
    interaction in the phantom on either side (not scattered); ``events="all"`` keeps every
    prompt in the window (no scatter or randoms correction follows: a biased but honest
-   "what the scanner saw" mode).
+   "what the scanner saw" mode, unless :mod:`equipet.corrections` supplies the randoms and
+   scatter terms of the model).
 2. **endpoints** (:func:`lor_endpoints_mm`): ``lor_endpoints="crystal"`` puts each end at
    the centre of the detecting crystal *in its DOI layer* (``rsectorID, moduleID,
    crystalID, layerID`` through :meth:`equipet.scanner.Scanner.crystal_centres_mm`, the one
@@ -57,13 +58,18 @@ _CRYSTAL_BRANCHES = [f"{n}{k}" for k in (1, 2) for n in ("rsectorID", "moduleID"
 _GLOBAL_BRANCHES = [f"globalPos{a}{k}" for k in (1, 2) for a in "XYZ"]
 
 
-def branches_needed(events: str, lor_endpoints: str) -> list[str]:
-    """The tree branches read for a given selection and endpoint mode."""
+def branches_needed(events: str, lor_endpoints: str, elements: bool = False) -> list[str]:
+    """The tree branches read for a given selection and endpoint mode.
+
+    ``elements`` also reads the detection-element IDs (for per-crystal-pair corrections).
+    """
     _check_modes(events, lor_endpoints)
     out = list(_BASE_BRANCHES)
     if events == "trues":
         out += _TRUE_BRANCHES
     out += _CRYSTAL_BRANCHES if lor_endpoints == "crystal" else _GLOBAL_BRANCHES
+    if elements and lor_endpoints != "crystal":
+        out += _CRYSTAL_BRANCHES
     return out
 
 
@@ -135,13 +141,17 @@ def tof_sign_residual_mm(chunk: Mapping[str, np.ndarray], p1: np.ndarray, p2: np
 class ListmodeEvents:
     """Selected list-mode events: endpoints ``p1_mm``, ``p2_mm`` (N, 3) and ``tof_mm`` (N,), float32.
 
-    ``n_read`` counts the coincidences read from the file, before selection.
+    ``n_read`` counts the coincidences read from the file, before selection. ``element1``,
+    ``element2`` (N,) int64, when read, are the detection elements of the two singles
+    (:meth:`equipet.scanner.Scanner.flat_index`), which per-crystal-pair corrections need.
     """
 
     p1_mm: np.ndarray
     p2_mm: np.ndarray
     tof_mm: np.ndarray
     n_read: int = 0
+    element1: np.ndarray | None = None
+    element2: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.tof_mm.shape[0])
@@ -152,11 +162,16 @@ class ListmodeEvents:
         if not parts:
             z = np.zeros((0, 3), np.float32)
             return cls(z, z.copy(), np.zeros(0, np.float32), 0)
+        with_el = all(p.element1 is not None for p in parts)
         return cls(np.concatenate([p.p1_mm for p in parts]), np.concatenate([p.p2_mm for p in parts]),
-                   np.concatenate([p.tof_mm for p in parts]), sum(p.n_read for p in parts))
+                   np.concatenate([p.tof_mm for p in parts]), sum(p.n_read for p in parts),
+                   np.concatenate([p.element1 for p in parts]) if with_el else None,
+                   np.concatenate([p.element2 for p in parts]) if with_el else None)
 
     def subset(self, index: Any) -> "ListmodeEvents":
-        return ListmodeEvents(self.p1_mm[index], self.p2_mm[index], self.tof_mm[index], self.n_read)
+        return ListmodeEvents(self.p1_mm[index], self.p2_mm[index], self.tof_mm[index], self.n_read,
+                              None if self.element1 is None else self.element1[index],
+                              None if self.element2 is None else self.element2[index])
 
     def to_torch(self, device: Any = "cpu"):
         """``(p1, p2, tof)`` float32 tensors on ``device``."""
@@ -168,10 +183,12 @@ class ListmodeEvents:
 
 def convert_chunk(chunk: Mapping[str, np.ndarray], scanner: Scanner, events: str = "trues",
                   lor_endpoints: str = "crystal",
-                  energy_window_kev: tuple[float, float] | None = None) -> ListmodeEvents:
+                  energy_window_kev: tuple[float, float] | None = None,
+                  elements: bool = False) -> ListmodeEvents:
     """Select, and convert one chunk of coincidences to :class:`ListmodeEvents`.
 
-    ``energy_window_kev`` defaults to the scanner's window.
+    ``energy_window_kev`` defaults to the scanner's window; ``elements`` keeps the
+    detection-element indices of both singles.
     """
     _check_modes(events, lor_endpoints)
     window = scanner.energy_window_kev if energy_window_kev is None else energy_window_kev
@@ -179,8 +196,12 @@ def convert_chunk(chunk: Mapping[str, np.ndarray], scanner: Scanner, events: str
     sub = {k: np.asarray(v)[keep] for k, v in chunk.items()}
     p1, p2 = lor_endpoints_mm(sub, scanner, lor_endpoints)
     n_read = int(np.asarray(chunk["time1"]).shape[0])
+    el = [None, None]
+    if elements:
+        el = [scanner.flat_index(*(sub[f"{n}{k}"] for n in ("rsectorID", "moduleID", "crystalID", "layerID")))
+              for k in (1, 2)]
     return ListmodeEvents(p1.astype(np.float32), p2.astype(np.float32),
-                          tof_offset_mm(sub).astype(np.float32), n_read)
+                          tof_offset_mm(sub).astype(np.float32), n_read, el[0], el[1])
 
 
 def iter_coincidence_chunks(path: str | Path, branches: list[str], step_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -218,9 +239,9 @@ def iter_coincidence_chunks(path: str | Path, branches: list[str], step_size: in
 
 def read_listmode(path: str | Path, scanner: Scanner, events: str = "trues",
                   lor_endpoints: str = "crystal", energy_window_kev: tuple[float, float] | None = None,
-                  step_size: int = 1_000_000, progress: bool = False) -> ListmodeEvents:
+                  step_size: int = 1_000_000, progress: bool = False, elements: bool = False) -> ListmodeEvents:
     """Read a GATE ROOT coincidence file in chunks and return the selected events."""
-    branches = branches_needed(events, lor_endpoints)
+    branches = branches_needed(events, lor_endpoints, elements)
     parts = []
     chunks = iter_coincidence_chunks(path, branches, step_size)
     if progress:
@@ -228,7 +249,7 @@ def read_listmode(path: str | Path, scanner: Scanner, events: str = "trues",
 
         chunks = tqdm(chunks, desc=f"read {Path(path).name}", unit="chunk")
     for chunk in chunks:
-        parts.append(convert_chunk(chunk, scanner, events, lor_endpoints, energy_window_kev))
+        parts.append(convert_chunk(chunk, scanner, events, lor_endpoints, energy_window_kev, elements))
     ev = ListmodeEvents.concatenate(parts)
     log.info("%s: kept %d of %d coincidences (events=%s, endpoints=%s)",
              path, len(ev), ev.n_read, events, lor_endpoints)

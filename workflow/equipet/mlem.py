@@ -3,14 +3,18 @@
 **Model.** Event ``e`` (a LOR with a TOF offset) has the expected density
 ``\\bar y_e = \\eta_e \\sum_j a_{ej} x_j``, with ``a_{ej}`` the TOF Joseph weights of
 :class:`equipet.projector.ListmodeTOFProjector` and ``\\eta_e = \\exp(-\\int_{LOR_e}\\mu)``
-the attenuation of its LOR (detector efficiencies are uniform in our simulation and not
-modelled). The list-mode EM update is
+the attenuation of its LOR (detector efficiencies are taken as uniform: not modelled, although
+the simulated detector has them, see below). The list-mode EM update is
 
 .. math::
 
     x^{k+1}_j = \\frac{x^k_j}{s_j} \\sum_e \\frac{\\eta_e a_{ej}}{\\eta_e \\sum_i a_{ei} x^k_i}
               = \\frac{x^k_j}{s_j} \\big[A^T (1 / A x^k)\\big]_j,
     \\qquad s_j = \\sum_{\\text{all LORs } L} \\eta_L \\, \\bar a_{Lj}.
+
+With all prompts (:mod:`equipet.corrections`) the denominator becomes
+``\\eta_e \\sum_i a_{ei} x_i + r_e + s_e`` (randoms and scatter densities per element pair and
+mm of TOF offset), i.e. ``A x + b`` with ``b_e = (r_e + s_e)/\\eta_e`` once ``\\eta_e`` is divided out.
 
 Any per-event factor (here ``\\eta_e``, and the normalisation of the TOF kernel) cancels
 between numerator and denominator, so the event loop uses the plain TOF projector and
@@ -48,8 +52,9 @@ logged and stored in the sidecar JSON. In MLEM it multiplies the image as a fixe
 ``sensitivity_lors`` (cheap on a GPU) to reduce it.
 
 Approximations (documented, not hidden): every crystal pair counts with equal detection
-efficiency (no crystal-pair geometric or intrinsic normalisation; the ideal-detector
-simulation has none to correct, penetration aside); with ``lor_endpoints=global`` the events'
+efficiency (no crystal-pair geometric or intrinsic normalisation), although the simulated
+detector is not uniform: penetration makes the front DOI layer detect about 65% of the photons
+and the back one 35%, and oblique pairs differ; with ``lor_endpoints=global`` the events'
 LORs end at exact interaction points while ``s`` is still summed over crystal-centre LORs.
 
 The sidecar ``<sensitivity>.json`` holds the settings it was computed for (scanner,
@@ -72,6 +77,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from equipet.corrections import check_corrections, prompts_per_element
 from equipet.errors import ConfigError, InputDataError
 from equipet.files import atomic_path
 from equipet.projector import ImageGeometry, ListmodeTOFProjector, tof_fwhm_mm
@@ -325,12 +331,14 @@ def listmode_mlem(events_p1: torch.Tensor, events_p2: torch.Tensor, tof_mm: torc
                   subsets: int = 1, tof_fwhm: float | None = None, truncation_sigma: float = 3.0,
                   min_sensitivity_fraction: float = 0.02, chunk_size: int = CPU_CHUNK_EVENTS,
                   cache_mb: float = 0.0, callback: Callable[[int, torch.Tensor, float], None] | None = None,
-                  progress: bool = True) -> torch.Tensor:
-    """List-mode (OS)EM, ``x <- x / (s/M) * A_m^T (1 / A_m x)`` (module docstring).
+                  progress: bool = True, additive: torch.Tensor | None = None) -> torch.Tensor:
+    """List-mode (OS)EM, ``x <- x / (s/M) * A_m^T (1 / (A_m x + b_m))`` (module docstring).
 
     Tensors carry the device. ``tof_mm=None`` runs non-TOF. ``callback(iteration, image,
     seconds)`` is called after every full iteration (1-based). ``cache_mb`` lets the
     projectors keep that much of the system matrix between iterations (split over subsets).
+    ``additive`` (N,), optional, is the per-event additive term ``b_e = (r_e + s_e) / eta_e``
+    of randoms and scatter (:mod:`equipet.corrections`), in the units of ``A x``.
     Returns the last image.
     """
     s = sensitivity
@@ -345,6 +353,8 @@ def listmode_mlem(events_p1: torch.Tensor, events_p2: torch.Tensor, tof_mm: torc
         bounds.append(bounds[-1] + len(range(m, n, subsets)))
     p1, p2 = events_p1[order], events_p2[order]
     tof = None if tof_mm is None else tof_mm[order]
+    add = None if additive is None else additive.to(sensitivity.dtype)[order]
+    adds = [None if add is None else add[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     projs = [ListmodeTOFProjector(geometry, p1[a:b], p2[a:b], None if tof is None else tof[a:b],
                                   tof_fwhm if tof is not None else None, truncation_sigma, chunk_size,
                                   cache_mb / subsets)
@@ -356,8 +366,12 @@ def listmode_mlem(events_p1: torch.Tensor, events_p2: torch.Tensor, tof_mm: torc
         it_range = tqdm(it_range, desc="MLEM" if subsets == 1 else f"OSEM({subsets})", unit="it")
     for it in it_range:
         t0 = time.perf_counter()
-        for A in projs:
-            back = A.apply_adjoint(x, _inverse_expected)   # A^T (1 / A x), each chunk's rows computed once
+        for A, b in zip(projs, adds):
+            if b is None:
+                h = _inverse_expected
+            else:   # A^T (1 / (A x + b)) with the additive term of the chunk's events
+                h = lambda ax, start, b=b: _inverse_expected(ax + b[start:start + ax.shape[0]], start)  # noqa: E731
+            back = A.apply_adjoint(x, h)   # each chunk's rows computed once
             x = torch.where(support, x * back * (subsets / s_safe), torch.zeros_like(x))
         if x.is_cuda:  # timing only; the one device-dependent line
             torch.cuda.synchronize()
@@ -365,6 +379,79 @@ def listmode_mlem(events_p1: torch.Tensor, events_p2: torch.Tensor, tof_mm: torc
         if callback is not None:
             callback(it, x, dt)
     return x
+
+
+def event_attenuation(p1: torch.Tensor, p2: torch.Tensor, phantom: Mapping[str, Any], voxel_size_mm: float,
+                      chunk_size: int) -> torch.Tensor:
+    """``eta_e = exp(-int mu)`` along each event's LOR through the phantom's mu-map."""
+    mu, mu_geom = phantom_mu_map(phantom, voxel_size_mm)
+    att = ListmodeTOFProjector(mu_geom, p1, p2, chunk_size=chunk_size)
+    return torch.exp(-att.apply(torch.as_tensor(mu, dtype=p1.dtype, device=p1.device)))
+
+
+def prompt_corrections(corrections: Sequence[str], cfg: Mapping[str, Any], scanner: Scanner, mlem: Mapping[str, Any],
+                       phantom: Mapping[str, Any], coincidences: Path, ev: Any, prompts_el: np.ndarray,
+                       geom: ImageGeometry, sens: torch.Tensor, ctr_ps: float,
+                       device: torch.device) -> tuple[torch.Tensor, dict]:
+    """The per-event additive term ``b_e = (r_e + s_e) / eta_e`` (:mod:`equipet.corrections`).
+
+    ``ev`` holds the events crossing the image box (with element indices), ``prompts_el``
+    the prompts per element of the whole file. Scatter is estimated ``scatter.rounds`` times,
+    each time from an MLEM image of ``scatter.estimate_iterations`` iterations reconstructed
+    with the current additive term.
+    """
+    from equipet.corrections import ScatterBins, SinglesModel, estimate_scatter, pair_measure, scatter_settings
+    from equipet.gate_root import read_singles_counts
+    from equipet.montecarlo import AcquisitionSettings
+    from equipet.phantom import hot_rod_phantom
+
+    acq_cfg = dict(cfg.get("acquisition") or {})
+    acq = AcquisitionSettings.from_config(acq_cfg)
+    chunk = chunk_events(mlem, device)
+    p1, p2, tof = ev.to_torch(device)
+    eta = (event_attenuation(p1, p2, phantom, mlem["voxel_size_mm"], chunk) if mlem["attenuation"]
+           else torch.ones(len(ev), device=device))
+    info: dict[str, Any] = {}
+    randoms_model = None
+    r = np.zeros(len(ev))
+    if "randoms" in corrections:
+        singles = read_singles_counts(coincidences, scanner)
+        if singles is None:
+            raise InputDataError("no singles counts (singlesPerElement or Singles tree) for the randoms estimate",
+                                 where=str(coincidences),
+                                 fix="re-simulate with this equipet version, or drop randoms from mlem.corrections")
+        if mlem.get("energy_window_kev") and tuple(mlem["energy_window_kev"]) != tuple(scanner.energy_window_kev):
+            raise ConfigError("the singles were counted in the scanner's energy window, not mlem.energy_window_kev",
+                              where="mlem.energy_window_kev", fix="set it to null with randoms correction")
+        randoms_model = SinglesModel.from_counts(scanner, singles, prompts_el, acq.duration_s,
+                                                 scanner.coincidence_window_ns, acq.multiples_policy,
+                                                 acq.min_sector_difference)
+        r = randoms_model.density(ev.element1, ev.element2)
+        info["randoms_window_density_sum"] = float(r.sum())
+    r_t = torch.as_tensor(r, dtype=torch.float32, device=device)
+    additive = r_t / eta
+    if "scatter" in corrections:
+        sc = scatter_settings(mlem)
+        ph = hot_rod_phantom(phantom)
+        lo, hi = _box_with_halo(geom)
+        s_max = float(np.linalg.norm(np.maximum(np.abs(lo[:2]), np.abs(hi[:2]))))
+        bins = ScatterBins.make(scanner, s_max, ph.diameter_mm / 2, tof_fwhm_mm(ctr_ps) if mlem["tof"] else None,
+                                sc["theta_bins"], sc["s_bins"], sc["dz_bins"], sc["tof_bin_mm"])
+        measure, randoms_in_box = pair_measure(scanner, geom, bins, sc["lor_pairs"], sc["seed"], randoms_model,
+                                               acq.min_sector_difference)
+        info["randoms_expected"] = randoms_in_box
+        for k in range(sc["rounds"]):
+            x = listmode_mlem(p1, p2, tof if mlem["tof"] else None, sens, geom, sc["estimate_iterations"],
+                              mlem["subsets"], tof_fwhm_mm(ctr_ps), mlem["tof_truncation_sigma"],
+                              mlem["min_sensitivity_fraction"], chunk, mlem["system_cache_mb"],
+                              progress=False, additive=additive)
+            est = estimate_scatter(scanner, ph, acq, x.cpu().numpy(), geom, float(len(ev)), randoms_in_box,
+                                   measure, bins, sc["decays"], sc["seed"] + 1 + k, ctr_ps, mlem["lor_endpoints"])
+            s_e = est.per_event(ev.p1_mm, ev.p2_mm, ev.tof_mm)
+            additive = torch.as_tensor(r + s_e, dtype=torch.float32, device=device) / eta
+            info[f"scatter_round{k + 1}"] = est.info
+    log.info("corrections %s: %s", list(corrections), info)
+    return additive, info
 
 
 # ---------------------------------------------------------------------------------------
@@ -440,8 +527,9 @@ def mlem_main(argv: Sequence[str] | None = None) -> None:
         sens = load_sensitivity(args.sensitivity, geom, sensitivity_key(cfg["scanner"], phantom, mlem))
         t0 = time.perf_counter()
         window = tuple(mlem["energy_window_kev"]) if mlem.get("energy_window_kev") else None
+        corrections = check_corrections(mlem.get("corrections") or [], mlem["events"])
         ev = read_listmode(args.coincidences, scanner, mlem["events"], mlem["lor_endpoints"], window,
-                           mlem["read_step_size"], progress=True)
+                           mlem["read_step_size"], progress=True, elements=bool(corrections))
         t_read = time.perf_counter() - t0
         if len(ev) == 0:
             raise InputDataError("no events left after selection", where=str(args.coincidences),
@@ -449,11 +537,17 @@ def mlem_main(argv: Sequence[str] | None = None) -> None:
         lo, hi = _box_with_halo(geom)
         hit = lor_hits_box(ev.p1_mm.astype(np.float64), ev.p2_mm.astype(np.float64), lo, hi)
         log.info("%d of %d events cross the image box", int(hit.sum()), len(ev))
+        prompts_el = (prompts_per_element(scanner, ev.element1, ev.element2) if corrections else None)
         ev = ev.subset(hit)
         p1, p2, tof = ev.to_torch(device)
+        additive, corr_info = None, {}
+        if corrections:
+            additive, corr_info = prompt_corrections(
+                corrections, cfg, scanner, mlem, phantom, args.coincidences, ev, prompts_el, geom,
+                torch.as_tensor(sens, device=device), args.ctr_ps, device)
         timing: dict[str, Any] = {"device": str(device), "events": len(ev), "read_s": t_read,
                                   "ctr_ps": args.ctr_ps, "tof": mlem["tof"], "subsets": mlem["subsets"],
-                                  "iterations_s": []}
+                                  "iterations_s": [], "corrections": list(corrections), **corr_info}
         args.out_dir.mkdir(parents=True, exist_ok=True)
 
         def save(it: int, x: torch.Tensor, dt: float) -> None:
@@ -464,7 +558,7 @@ def mlem_main(argv: Sequence[str] | None = None) -> None:
         listmode_mlem(p1, p2, tof if mlem["tof"] else None, torch.as_tensor(sens, device=device), geom,
                       mlem["iterations"], mlem["subsets"], tof_fwhm_mm(args.ctr_ps),
                       mlem["tof_truncation_sigma"], mlem["min_sensitivity_fraction"],
-                      chunk_events(mlem, device), mlem["system_cache_mb"], callback=save)
+                      chunk_events(mlem, device), mlem["system_cache_mb"], callback=save, additive=additive)
         with atomic_path(args.out_dir / "timing.json") as tmp:
             tmp.write_text(json.dumps(timing, indent=2))
 

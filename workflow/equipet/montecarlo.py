@@ -336,8 +336,15 @@ class Simulator:
 
     # ---- one batch -----------------------------------------------------------------------
     def simulate_batch(self, times_s: np.ndarray, first_event_id: int, rng: np.random.Generator,
-                       time_rng: np.random.Generator, ctr_ps: float) -> tuple[dict[str, np.ndarray], int]:
-        """Simulate the decays at ``times_s``; return (coincidences as GATE branches, n_singles)."""
+                       time_rng: np.random.Generator, ctr_ps: float,
+                       singles_counts: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], int]:
+        """Simulate the decays at ``times_s``; return (coincidences as GATE branches, n_singles).
+
+        ``singles_counts`` (``scanner.n_crystals``, int64), when given, is incremented by the
+        singles (in the energy window) of each detection element, in
+        :meth:`~equipet.scanner.Scanner.flat_index` order: the singles rates a scanner
+        reports, from which randoms are estimated (:mod:`equipet.corrections`).
+        """
         n = times_s.size
         src, sid = self._sample_sources(n, rng)
         u1 = isotropic(n, rng)
@@ -378,6 +385,8 @@ class Simulator:
         ok &= ids[0] >= 0
         ph, e_meas, gpos, gpath, ncr = ph[ok], e_meas[ok], gpos[ok], gpath[ok], ncr[ok]
         rsec, mod, cry, lay = (a[ok] for a in ids)
+        if singles_counts is not None:
+            singles_counts += np.bincount(sc.flat_index(rsec, mod, cry, lay), minlength=sc.n_crystals)
         decay = ph % n
         sig_t = ctr_ps * 1e-12 / math.sqrt(2.0) * FWHM_TO_SIGMA
         t = times_s[decay] + gpath / C_MM_PER_S + sig_t * time_rng.standard_normal(ph.size)
@@ -475,7 +484,9 @@ class Simulator:
                 progress: bool = True) -> dict[str, Any]:
         """Simulate one time-slice job; write ``out`` (GATE ROOT) when given.
 
-        Returns the metadata, plus the coincidences under ``"data"`` when ``out`` is None.
+        Returns the metadata, plus the coincidences under ``"data"`` and the singles per
+        detection element under ``"singles_counts"`` when ``out`` is None (the file holds
+        them in its ``singlesPerElement`` tree, :data:`equipet.gate_root.SINGLES_TREE`).
         """
         from tqdm import tqdm
 
@@ -495,6 +506,7 @@ class Simulator:
         chunks = []
         bs = self.acq.batch_size
         writer = CoincidenceWriter(out, meta) if out is not None else None
+        singles = np.zeros(self.scanner.n_crystals, dtype=np.int64)
         try:
             if writer is not None:
                 writer.__enter__()
@@ -502,7 +514,7 @@ class Simulator:
                       disable=None if progress else True) as bar:
                 for b0 in range(0, n_dec, bs):
                     b1 = min(n_dec, b0 + bs)
-                    coinc, ns = self.simulate_batch(times[b0:b1], b0, rng, time_rng, ctr_ps)
+                    coinc, ns = self.simulate_batch(times[b0:b1], b0, rng, time_rng, ctr_ps, singles)
                     n_singles += ns
                     if writer is not None:
                         writer.write(coinc)
@@ -514,6 +526,7 @@ class Simulator:
                         decays_per_s=n_dec / elapsed if elapsed > 0 else float("nan"))
             if writer is not None:
                 writer.meta.update(meta)
+                writer.singles_counts = singles
                 writer.__exit__(None, None, None)
                 writer = None
         except BaseException as exc:
@@ -525,6 +538,7 @@ class Simulator:
         if out is None:
             keys = chunks[0].keys() if chunks else []
             meta["data"] = {k: np.concatenate([c[k] for c in chunks]) for k in keys}
+            meta["singles_counts"] = singles
         return meta
 
 

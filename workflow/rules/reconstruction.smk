@@ -43,7 +43,7 @@ rule mlem:
     benchmark:
         f"{BENCH}/recon/mlem_ctr{{ctr}}.tsv"
     params:
-        settings=settings("scanner", "phantom", "mlem"),
+        settings=settings("scanner", "phantom", "mlem", "acquisition"),
         out_dir=lambda w, output: str(Path(output.timing).parent),
     threads: 2
     resources:
