@@ -187,6 +187,35 @@ def _join(*reasons: str | None) -> str | None:
     return "; ".join(r) if r else None
 
 
+def loss_instability(losses: Sequence[float] | np.ndarray) -> float:
+    """Instability ``U`` of a loss curve (``config/preregistration.md``, section 4).
+
+    With ``l_k = log10 L_k`` and ``k*`` the epoch of the minimum loss,
+
+        U = sum_{k < k*} max(0, l_{k+1} - l_k) / (l_1 - l_{k*}),
+
+    the total rise of the log-loss on the way to its minimum relative to its net fall:
+    0 for a monotone decrease, larger for every spike. Scale-free; the epochs after the
+    minimum do not count. NaN when the loss never falls below its first value (or is not
+    positive).
+
+    >>> loss_instability([4.0, 2.0, 1.0])
+    0.0
+    >>> round(loss_instability([4.0, 8.0, 4.0, 1.0]), 6)    # one doubling on a 4x fall
+    0.5
+    """
+    l = np.asarray(losses, dtype=float)
+    if l.size < 2 or not np.all(np.isfinite(l)) or np.any(l <= 0):
+        return float("nan")
+    l = np.log10(l)
+    k_min = int(np.argmin(l))
+    fall = l[0] - l[k_min]
+    if not fall > 0:
+        return float("nan")
+    rises = np.clip(np.diff(l[: k_min + 1]), 0.0, None).sum()
+    return float(rises / fall)
+
+
 def smallest_resolved(resolved: Mapping[float, float]) -> float:
     """Smallest rod size ``d`` such that every size ``>= d`` is resolved (inf when the largest is not).
 
