@@ -104,3 +104,57 @@ def test_snakemake_ablation_dry_run_plans_every_configuration_and_seed(tmp_path)
     assert len(confirm) == 12
     for rule in ("ablation_select", "ablation_summary", "brain_claims"):
         assert re.search(rf"^{rule}\s+1$", proc.stdout, re.M), rule
+
+
+TINY = """
+results_dir: results
+device: cpu
+brain: {size: 32, heldout_slices: [-8, 8]}
+denoise: {epochs: 4, snapshots: [2, 4]}
+radon_recon: {epochs: 4, snapshots: [2, 4], n_angles: 16}
+training: {checkpoint_every: 2}
+evaluation: {rotations_deg: [45, 90]}
+assisted: {plateau: {window: 2}}
+ablation:
+  seeds: [0]
+  screen_seed: 0
+  confirm_seeds: [5]
+  configurations:
+    - {name: scnn_paper, model: scnn, paper_consistent: true}
+    - {name: scnn_c4, model: scnn, paper_consistent: false, changes: {models: {scnn: {order: 4}}}}
+    - {name: cnn_paper, model: cnn, paper_consistent: true}
+"""
+
+
+@pytest.mark.slow
+def test_gpu_runner_writes_the_rules_outputs_so_snakemake_only_aggregates(tmp_path):
+    """run_ablation.py at 4 epochs on the CPU: every grid and confirmation run, the selection,
+    the wall time per run; afterwards `snakemake -n ablation` plans no training job."""
+    work = copy_checkout(tmp_path)
+    (work / "config" / "tiny.yaml").write_text(TINY)
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(work / "workflow"))
+    configs = ["config/config.yaml", "config/tiny.yaml"]
+    proc = subprocess.run([sys.executable, "workflow/benchmarks/run_ablation.py", "--configfile", *configs,
+                           "--device", "cpu", "--jobs", "2", "--only", "all"],
+                          cwd=work, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    times = re.findall(r"^done (\S+): ([\d.]+) s wall$", proc.stdout, re.M)
+    labels = {label for label, _ in times}
+    assert {"grid/denoise/scnn_paper/seed0", "grid/radon_recon/scnn_c4/seed0", "confirm/radon_recon/cnn/seed5",
+            "select"} <= labels
+    assert len([l for l in labels if l.startswith(("grid/", "confirm/"))]) == 6 + 4
+    selection = json.loads((work / "results" / "ablation" / "selection.json").read_text())
+    assert selection["scnn"]["configuration"] == "scnn_paper"      # the only paper-consistent SCNN
+    labels = json.loads((work / "results/ablation/confirm/denoise/scnn/seed5/configuration.json").read_text())
+    assert labels["configuration"] == "scnn_paper" and labels["stage"] == "confirm"
+    metrics = pd.read_csv(work / "results/ablation/grid/denoise/scnn_c4/seed0/metrics.csv")
+    assert set(metrics["configuration"]) == {"scnn_c4"} and set(metrics["group"]) == {"C4"}
+    # rerunning skips finished runs
+    again = subprocess.run([sys.executable, "workflow/benchmarks/run_ablation.py", "--configfile", *configs,
+                            "--only", "screen"], cwd=work, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "skip grid/denoise/scnn_paper/seed0: finished" in again.stdout
+    plan = subprocess.run([sys.executable, "-m", "snakemake", "-n", "ablation", "--cores", "2", "--configfile",
+                           *configs], cwd=work, capture_output=True, text=True, timeout=300, env=env)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert "ablation_summary" in plan.stdout
+    assert not re.search(r"^(ablation_train|ablation_confirm|ablation_select|brain)\s+\d+$", plan.stdout, re.M)
