@@ -4,6 +4,7 @@
 #   snakemake --profile workflow/profiles/default --configfile config/quick.yaml
 #   snakemake --report results/report.html                             # HTML report
 #   snakemake brain_experiments | simulation | reconstruction | assisted   # one stage
+#   snakemake ablation --configfile config/config.yaml config/ablation.yaml  # SCNN-vs-CNN study
 #
 # The configuration is validated against config/schema/ before any rule runs;
 # every missing key is filled from the schema defaults.
@@ -20,6 +21,7 @@ include: "workflow/rules/brain.smk"
 include: "workflow/rules/simulation.smk"
 include: "workflow/rules/reconstruction.smk"
 include: "workflow/rules/assisted.smk"
+include: "workflow/rules/ablation.smk"
 include: "workflow/rules/aggregate.smk"
 
 
@@ -49,3 +51,9 @@ rule reconstruction:
 rule assisted:
     input:
         assisted_targets(),
+
+
+# The pre-registered SCNN-vs-CNN ablation of the brain benchmarks (config/preregistration.md).
+rule ablation:
+    input:
+        ablation_targets(),

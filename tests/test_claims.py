@@ -4,10 +4,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from equipet.claims import NOT_COMPARABLE, NOT_REPRODUCED, REPRODUCED, Run, paper_claims, smallest_resolved
+from equipet.claims import (
+    NOT_COMPARABLE,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    Run,
+    loss_instability,
+    paper_claims,
+    smallest_resolved,
+)
 
 PLATEAU = {"window": 10, "tolerance": 0.05}
 RODS = [6.5, 5.5, 4.5, 3.5, 2.2, 1.6]
+SEEDS = (0, 1, 2)
 
 
 def curve(epochs, start, floor, tau):
@@ -15,14 +24,30 @@ def curve(epochs, start, floor, tau):
     return floor + (start - floor) * np.exp(-k / tau)
 
 
-def run(experiment, model, seed, losses, total_s, device="cuda", ctr=None):
+def run(experiment, model, seed, losses, total_s, device="cuda", ctr=None, method="paper"):
     return Run(experiment, model, seed, ctr, np.asarray(losses, float),
-               np.linspace(total_s / len(losses), total_s, len(losses)), device)
+               np.linspace(total_s / len(losses), total_s, len(losses)), device, method=method)
+
+
+def brain_metrics(psnr=None, epochs=(2000, 5000)):
+    """Tidy brain metrics: ``psnr[(model, split)]`` (dB) per seed; SSIM = PSNR / 100."""
+    psnr = psnr or {}
+    rows = []
+    for experiment, epoch in zip(("denoise", "radon_recon"), epochs):
+        for model in ("scnn", "cnn"):
+            for seed in SEEDS:
+                for split in ("train", "heldout", "rotated"):
+                    value = psnr.get((model, split), 30.0)
+                    value = value[seed] if isinstance(value, tuple) else value
+                    for metric, v in (("psnr", value), ("ssim", value / 100)):
+                        rows.append({"experiment": experiment, "model": model, "seed": seed, "epoch": epoch,
+                                     "metric": metric, "value": v, "split": split})
+    return pd.DataFrame(rows)
 
 
 def brain_runs(scnn_fast=True, epochs=(2000, 5000), device="cuda"):
     runs = []
-    for seed in (0, 1):
+    for seed in SEEDS:
         fast, slow = (curve(epochs[0], 1.0, 0.001, 100), curve(epochs[0], 1.0, 0.01, 800))
         runs += [run("denoise", "scnn", seed, fast if scnn_fast else slow, 106, device),
                  run("denoise", "cnn", seed, slow if scnn_fast else fast, 104, device)]
@@ -34,7 +59,7 @@ def brain_runs(scnn_fast=True, epochs=(2000, 5000), device="cuda"):
 
 def assisted(scnn_smallest=3.5, cnn_smallest=5.5, epochs=60000, device="cuda", scnn_tau=150.0):
     rows, runs = [], []
-    for seed in (0, 1):
+    for seed in SEEDS:
         for model, smallest, tau, total in (("scnn", scnn_smallest, scnn_tau, 870), ("cnn", cnn_smallest, 5000, 821)):
             for d in RODS:
                 rows.append({"experiment": "assisted", "model": model, "seed": seed, "epoch": epochs,
@@ -50,6 +75,7 @@ def verdicts(table):
 
 def test_all_claims_reproduced_on_matching_synthetic_data():
     metrics, runs = assisted()
+    metrics = pd.concat([metrics, brain_metrics()], ignore_index=True)
     v = verdicts(paper_claims(metrics, brain_runs() + runs, PLATEAU))
     for claim in ("denoise_scnn1000_vs_cnn2000", "radon_min_loss_ratio", "radon_scnn500_vs_cnn_min",
                   "radon_speedup_epochs", "radon_speedup_time", "assisted_scnn_smallest_resolved",
@@ -62,6 +88,7 @@ def test_all_claims_reproduced_on_matching_synthetic_data():
 
 def test_verdicts_flip_when_the_data_contradict_the_claims():
     metrics, runs = assisted(scnn_smallest=6.5, cnn_smallest=3.5, scnn_tau=3000.0)
+    metrics = pd.concat([metrics, brain_metrics()], ignore_index=True)
     table = paper_claims(metrics, brain_runs(scnn_fast=False) + runs, PLATEAU)
     v = verdicts(table)
     for claim in ("denoise_scnn1000_vs_cnn2000", "radon_min_loss_ratio", "radon_scnn500_vs_cnn_min",
@@ -69,7 +96,7 @@ def test_verdicts_flip_when_the_data_contradict_the_claims():
                   "assisted_scnn_plateau_epoch"):
         assert v[claim] == NOT_REPRODUCED, claim
     row = table.set_index("claim_id").loc["assisted_scnn_smallest_resolved"]
-    assert row["measured_mean"] == 6.5 and row["measured_sd"] == 0.0 and row["n"] == 2
+    assert row["measured_mean"] == 6.5 and row["measured_sd"] == 0.0 and row["n"] == 3
 
 
 def test_quick_runs_and_cpu_timings_are_not_comparable():
@@ -81,6 +108,7 @@ def test_quick_runs_and_cpu_timings_are_not_comparable():
     assert "device" in reasons["assisted_time_scnn"]
     # long enough but on a CPU: accuracy claims are tested, timing claims are not
     metrics, runs = assisted(device="cpu")
+    metrics = pd.concat([metrics, brain_metrics()], ignore_index=True)
     v = verdicts(paper_claims(metrics, brain_runs(device="cpu") + runs, PLATEAU))
     assert v["radon_speedup_epochs"] == REPRODUCED and v["radon_speedup_time"] == NOT_COMPARABLE
     assert v["assisted_time_ratio_scnn_cnn"] == NOT_COMPARABLE
@@ -95,11 +123,134 @@ def test_smallest_resolved():
 def test_brain_runs_alone_give_the_brain_claims_only():
     """The brain benchmarks' claims table (no simulation, MLEM or assisted runs): every
     III-A/B claim with its verdict, and no assisted row."""
-    brain_metrics = pd.DataFrame([{"experiment": "denoise", "model": "scnn", "seed": 0, "epoch": 2000,
-                                   "metric": "psnr", "value": 30.0, "split": "train"}])
-    table = paper_claims(brain_metrics, brain_runs(), PLATEAU)
+    table = paper_claims(brain_metrics(), brain_runs(), PLATEAU)
     assert not table["claim_id"].str.startswith("assisted").any()
+    assert set(table["scope"]) == {"paper configuration"}
     v = verdicts(table)
     assert v["denoise_scnn1000_vs_cnn2000"] == REPRODUCED and v["radon_min_loss_ratio"] == REPRODUCED
-    v = verdicts(paper_claims(brain_metrics, brain_runs(scnn_fast=False), PLATEAU))
+    v = verdicts(paper_claims(brain_metrics(), brain_runs(scnn_fast=False), PLATEAU))
     assert v["denoise_scnn1000_vs_cnn2000"] == NOT_REPRODUCED and v["radon_min_loss_ratio"] == NOT_REPRODUCED
+
+
+# ------------------------------------------------------------------ the rules of config/preregistration.md
+
+
+def test_seed_majority_not_the_mean_decides():
+    """Two seeds meet the rule narrowly, one misses by far: the mean misses, the majority holds."""
+    psnr = {("scnn", "train"): (30.5, 30.5, 20.0), ("cnn", "train"): 30.0}
+    table = paper_claims(brain_metrics(psnr), brain_runs(), PLATEAU).set_index("claim_id")
+    row = table.loc["denoise_psnr_scnn_ge_cnn"]
+    assert row["measured_mean"] < 0 and row["seeds_met"] == 2 and row["verdict"] == REPRODUCED
+    psnr = {("scnn", "train"): (30.5, 20.0, 20.0), ("cnn", "train"): 30.0}
+    row = paper_claims(brain_metrics(psnr), brain_runs(), PLATEAU).set_index("claim_id").loc["denoise_psnr_scnn_ge_cnn"]
+    assert row["seeds_met"] == 1 and row["verdict"] == NOT_REPRODUCED
+    # fewer than 3 seed pairs: not comparable
+    two = [r for r in brain_runs() if r.seed < 2]
+    row = paper_claims(brain_metrics(), two, PLATEAU).set_index("claim_id").loc["denoise_psnr_scnn_ge_cnn"]
+    assert row["verdict"] == NOT_COMPARABLE and "seeds" in row["reason"]
+
+
+def test_image_quality_claims_flip_and_need_the_scnn_no_worse_on_heldout_slices():
+    better = {("scnn", "train"): 31.0, ("cnn", "train"): 30.0}
+    v = verdicts(paper_claims(brain_metrics(better), brain_runs(), PLATEAU))
+    assert v["denoise_psnr_scnn_ge_cnn"] == REPRODUCED and v["radon_recon_ssim_scnn_ge_cnn"] == REPRODUCED
+    worse = {("scnn", "train"): 29.0, ("cnn", "train"): 30.0}
+    v = verdicts(paper_claims(brain_metrics(worse), brain_runs(), PLATEAU))
+    assert v["denoise_psnr_scnn_ge_cnn"] == NOT_REPRODUCED and v["radon_recon_ssim_scnn_ge_cnn"] == NOT_REPRODUCED
+    # better on the training slice but 1 dB worse on held-out slices: the H condition fails,
+    # for the new quality claims and the paper's loss claims alike
+    overfit = {**better, ("scnn", "heldout"): 29.0, ("cnn", "heldout"): 30.0}
+    v = verdicts(paper_claims(brain_metrics(overfit), brain_runs(), PLATEAU))
+    assert v["denoise_psnr_scnn_ge_cnn"] == NOT_REPRODUCED
+    assert v["denoise_scnn1000_vs_cnn2000"] == NOT_REPRODUCED and v["radon_min_loss_ratio"] == NOT_REPRODUCED
+    # within the 0.5 dB tolerance it passes
+    close = {**better, ("scnn", "heldout"): 29.7, ("cnn", "heldout"): 30.0}
+    assert verdicts(paper_claims(brain_metrics(close), brain_runs(), PLATEAU))["denoise_psnr_scnn_ge_cnn"] == REPRODUCED
+
+
+@pytest.mark.parametrize("split", ["heldout", "rotated"])
+def test_generalisation_claims_flip_with_the_data(split):
+    general = {("scnn", "train"): 30.0, ("cnn", "train"): 31.0, ("scnn", split): 29.5, ("cnn", split): 25.0}
+    v = verdicts(paper_claims(brain_metrics(general), brain_runs(), PLATEAU))
+    for experiment in ("denoise", "radon_recon"):
+        assert v[f"{experiment}_{split}_psnr_scnn_gt_cnn"] == REPRODUCED
+        assert v[f"{experiment}_{split}_gap_scnn_lt_cnn"] == REPRODUCED
+    # the SCNN loses more than the CNN away from its training slice
+    narrow = {("scnn", "train"): 30.0, ("cnn", "train"): 31.0, ("scnn", split): 22.0, ("cnn", split): 30.0}
+    v = verdicts(paper_claims(brain_metrics(narrow), brain_runs(), PLATEAU))
+    assert v[f"denoise_{split}_psnr_scnn_gt_cnn"] == NOT_REPRODUCED
+    assert v[f"denoise_{split}_gap_scnn_lt_cnn"] == NOT_REPRODUCED
+    # higher PSNR everywhere, yet a larger drop: the two halves of the claim can disagree
+    mixed = {("scnn", "train"): 40.0, ("cnn", "train"): 30.0, ("scnn", split): 32.0, ("cnn", split): 29.0}
+    v = verdicts(paper_claims(brain_metrics(mixed), brain_runs(), PLATEAU))
+    assert v[f"denoise_{split}_psnr_scnn_gt_cnn"] == REPRODUCED
+    assert v[f"denoise_{split}_gap_scnn_lt_cnn"] == NOT_REPRODUCED
+
+
+def test_loss_instability_and_the_stability_claim_flip_with_the_data():
+    smooth = curve(2000, 1.0, 0.01, 200)
+    assert loss_instability(smooth) == 0.0
+    spiky = smooth.copy()
+    spiky[100::200] *= 3.0                                   # a spike every 200 epochs
+    assert loss_instability(spiky) > 0.5
+    assert loss_instability(spiky * 1e3) == pytest.approx(loss_instability(spiky))   # scale-free
+    assert np.isnan(loss_instability(np.linspace(1.0, 2.0, 10)))                    # never falls
+
+    def runs(scnn_curve, cnn_curve):
+        out = []
+        for seed in SEEDS:
+            out += [run("denoise", "scnn", seed, scnn_curve, 106), run("denoise", "cnn", seed, cnn_curve, 104)]
+        return out
+
+    assert verdicts(paper_claims(brain_metrics(), runs(smooth, spiky), PLATEAU))["denoise_loss_stability"] == REPRODUCED
+    assert verdicts(paper_claims(brain_metrics(), runs(spiky, smooth), PLATEAU))["denoise_loss_stability"] == NOT_REPRODUCED
+
+
+def test_timing_tolerance_is_one_sided():
+    fast = [run("denoise", m, s, curve(2000, 1, 0.01, 100), t) for s in SEEDS for m, t in (("scnn", 5.0), ("cnn", 20.0))]
+    v = verdicts(paper_claims(brain_metrics(), fast, PLATEAU))
+    assert v["denoise_time_scnn"] == REPRODUCED and v["denoise_time_ratio_scnn_cnn"] == REPRODUCED
+    slow = [run("denoise", m, s, curve(2000, 1, 0.01, 100), t) for s in SEEDS for m, t in (("scnn", 400.0), ("cnn", 20.0))]
+    v = verdicts(paper_claims(brain_metrics(), slow, PLATEAU))
+    assert v["denoise_time_scnn"] == NOT_REPRODUCED and v["denoise_time_ratio_scnn_cnn"] == NOT_REPRODUCED
+
+
+def _mlem_rows(early_smallest, best_smallest):
+    rows = []
+    for d in RODS:
+        rows.append({"experiment": "assisted", "model": "mlem_early", "seed": 0, "epoch": 2, "metric": "resolved",
+                     "value": float(d >= early_smallest), "ctr_ps": 100.0, "rod_mm": d, "split": "baseline"})
+        for it in (1, 2, 5, 10):
+            smallest = best_smallest if it == 5 else max(early_smallest, best_smallest)
+            rows.append({"experiment": "assisted", "model": "mlem", "seed": 0, "epoch": it, "metric": "resolved",
+                         "value": float(d >= smallest), "ctr_ps": 100.0, "rod_mm": d, "split": "mlem_iteration"})
+    return pd.DataFrame(rows)
+
+
+def test_assisted_networks_against_mlem_flip_with_the_data():
+    metrics, runs = assisted(scnn_smallest=3.5, cnn_smallest=5.5)
+    table = paper_claims(pd.concat([metrics, _mlem_rows(6.5, 4.5)]), runs, PLATEAU)
+    v = verdicts(table)
+    assert v["assisted_scnn_finer_than_mlem2"] == REPRODUCED and v["assisted_cnn_finer_than_mlem2"] == REPRODUCED
+    assert v["assisted_scnn_vs_mlem_best"] == REPRODUCED and v["assisted_cnn_vs_mlem_best"] == NOT_REPRODUCED
+    assert table.set_index("claim_id").loc["assisted_scnn_vs_mlem_best", "measured_mean"] == pytest.approx(1.0)
+    v = verdicts(paper_claims(pd.concat([metrics, _mlem_rows(3.5, 2.2)]), runs, PLATEAU))
+    assert v["assisted_scnn_finer_than_mlem2"] == NOT_REPRODUCED and v["assisted_scnn_vs_mlem_best"] == NOT_REPRODUCED
+    # no MLEM baselines: not comparable, with the reason
+    row = paper_claims(metrics, runs, PLATEAU).set_index("claim_id").loc["assisted_scnn_finer_than_mlem2"]
+    assert row["verdict"] == NOT_COMPARABLE and "baseline" in row["reason"]
+
+
+def test_assisted_time_and_convergence_are_comparable_for_the_papers_method_only():
+    metrics, runs = assisted()
+    other_runs = [Run(r.experiment, r.model, r.seed, r.ctr_ps, r.losses, r.wall_time_s, r.device,
+                      method="data_consistent") for r in runs]
+    metrics = pd.concat([metrics.assign(method="paper"), metrics.assign(method="data_consistent")])
+    table = paper_claims(metrics, runs + other_runs, PLATEAU)
+    by = {(r.claim_id, r.method): r.verdict for r in table.itertuples()}
+    for claim in ("assisted_scnn_plateau_epoch", "assisted_scnn_plateau_time", "assisted_time_scnn",
+                  "assisted_time_ratio_scnn_cnn"):
+        assert by[(claim, "paper")] == REPRODUCED, claim
+        assert by[(claim, "data_consistent")] == NOT_COMPARABLE, claim
+    # resolution is judged for every method
+    assert by[("assisted_scnn_smallest_resolved", "data_consistent")] == REPRODUCED

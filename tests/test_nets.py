@@ -143,6 +143,69 @@ def test_default_widths_match_and_scnn_ties_weights():
     assert n_scnn < n_cnn / 10  # measured 3217 vs 112001
 
 
+def _models(**changes):
+    cfg = {k: dict(v) for k, v in DEFAULT_MODELS.items()}
+    for key, value in changes.items():
+        section, field = key.split("__")
+        cfg[section][field] = value
+    return cfg
+
+
+def test_scnn_matched_to_cnn_parameter_count():
+    n_cnn = count_parameters(build_model("cnn", DEFAULT_MODELS))
+    scnn = build_model("scnn", _models(scnn__match_parameters=True))
+    n = count_parameters(scnn)
+    # the nearest width: one field more or fewer moves the count further from the CNN's
+    for other in (scnn.fields - 1, scnn.fields + 1):
+        assert abs(n - n_cnn) <= abs(count_parameters(SCNN(fields=other)) - n_cnn)
+    assert abs(n - n_cnn) / n_cnn < 0.02, (scnn.fields, n, n_cnn)
+
+
+def test_cnn_matched_to_scnn_parameter_count_and_batch_norm_counts():
+    n_scnn = count_parameters(build_model("scnn", DEFAULT_MODELS))
+    for bn in (False, True):
+        cnn = build_model("cnn", _models(cnn__match_parameters=True, cnn__batch_norm=bn))
+        n = count_parameters(cnn)
+        for other in (cnn.channels - 1, cnn.channels + 1):
+            assert abs(n - n_scnn) <= abs(count_parameters(CNN(channels=other, batch_norm=bn)) - n_scnn)
+        assert abs(n - n_scnn) / n_scnn < 0.1, (cnn.channels, n, n_scnn)
+    with pytest.raises(ValueError, match="not both"):
+        build_model("cnn", _models(cnn__match_parameters=True, scnn__match_parameters=True))
+
+
+def test_cnn_batch_norm_adds_one_norm_per_hidden_convolution():
+    plain, normed = CNN(layers=5, channels=6), CNN(layers=5, channels=6, batch_norm=True)
+    norms = [m for m in normed.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 4
+    assert count_parameters(normed) - count_parameters(plain) == 4 * 2 * 6
+
+
+def test_max_frequency_reaches_every_c8_frequency_and_keeps_equivariance():
+    default = SCNN(group="C", order=8, fields=1)
+    full = SCNN(group="C", order=8, fields=1, max_frequency=4)
+    assert default.first_layer_frequencies() == [0, 1, 2]
+    assert full.first_layer_frequencies() == [0, 1, 2, 3, 4]
+    # a trivial -> regular C8 filter of size 3x3 then has all 9 degrees of freedom (6 by default)
+    assert default.net[0].basisexpansion.dimension() == 6
+    assert full.net[0].basisexpansion.dimension() == 9
+    for net in (full, SCNN(group="C", order=8, fields=1, kernel_size=5, max_frequency=4)):
+        # exact on the pixel grid for quarter turns; at 45 degrees the grid itself interpolates
+        net.check_equivariance(angles_deg=[90, 180, 270], atol=1e-5)
+
+
+def test_d4_scnn_equivariant_to_reflections_with_kernel_5_and_max_frequency():
+    seed_everything(0, True)
+    net = SCNN(group="D", order=4, fields=2, kernel_size=5, max_frequency=2)
+    reflected = net.check_equivariance(flip=True, atol=1e-4)
+    assert [a for a, _ in reflected] == [0.0, 90.0, 180.0, 270.0]
+    # a reflection is a real constraint: a C4 network is not mirror-equivariant
+    c4 = SCNN(group="C", order=4, fields=2, kernel_size=5, max_frequency=2).eval()
+    x = smooth_test_image(33, seed=3)[None, None]
+    with torch.no_grad():
+        err = relative_error(c4(torch.flip(x, (-1,))), torch.flip(c4(x), (-1,)), disk_mask(33, 1.0))
+    assert err > 1e-2
+
+
 def test_build_model_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown model"):
         build_model("unet", DEFAULT_MODELS)

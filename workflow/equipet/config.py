@@ -139,6 +139,13 @@ def _check_consistency(config: Mapping[str, Any], source: str) -> None:
                 fix=f"keep every snapshot <= {section}.epochs",
             )
 
+    models = config.get("models")
+    if models and models["scnn"]["match_parameters"] and models["cnn"]["match_parameters"]:
+        raise ConfigError(
+            "models.scnn.match_parameters and models.cnn.match_parameters are both true (circular)",
+            where=f"{source}: models",
+            fix="match one network's width to the other's, not both",
+        )
 
     mlem = config.get("mlem")
     if mlem:

@@ -161,8 +161,11 @@ def evaluate(model: torch.nn.Module, model_name: str, problem: Problem, brain: B
 
 
 def run_experiment(experiment: str, cfg: dict[str, Any], brain_path: Path, model_name: str,
-                   seed: int, out_dir: Path) -> pd.DataFrame:
-    """Train ``model_name`` for ``seed`` on ``experiment``; write metrics.csv and eval.npz in ``out_dir``."""
+                   seed: int, out_dir: Path, extra_columns: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Train ``model_name`` for ``seed`` on ``experiment``; write metrics.csv and eval.npz in ``out_dir``.
+
+    ``extra_columns`` are appended to every metrics row (the ablation's configuration columns).
+    """
     brain = BrainSlices.load(brain_path)
     problem = PROBLEMS[experiment](cfg, brain, seed)
     sec = cfg[experiment]
@@ -187,6 +190,8 @@ def run_experiment(experiment: str, cfg: dict[str, Any], brain_path: Path, model
     eval_rows, arrays = evaluate(result.model, model_name, problem, brain, cfg, seed)
     rows += eval_rows
     rows_df = pd.DataFrame(rows)
+    for key, value in (extra_columns or {}).items():
+        rows_df[key] = value
 
     epochs = sorted(result.snapshots)
     with atomic_path(out_dir / "eval.npz") as tmp:

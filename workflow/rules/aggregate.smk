@@ -105,10 +105,15 @@ rule generalisation_figure:
         "equipet-figures --log {log} generalisation --metrics {input} --out {output}"
 
 
+# With the ablation configured, the brain claims are judged over its grid and confirmation
+# runs (config/preregistration.md); otherwise over the brain_experiments runs.
+BRAIN_CLAIM_RUNS = ablation_run_dirs() if ABLATION_CONFS else brain_run_dirs()
+
+
 rule brain_claims:
     input:
-        metrics=brain_targets(),
-        runs=[f"{d}/{f}" for d in brain_run_dirs() for f in ("loss.csv", "timing.json")],
+        metrics=[f"{d}/metrics.csv" for d in BRAIN_CLAIM_RUNS],
+        runs=[f"{d}/{f}" for d in BRAIN_CLAIM_RUNS for f in ("loss.csv", "timing.json")],
     output:
         report(
             f"{RESULTS}/tables/paper_claims_brain.csv",
@@ -121,7 +126,7 @@ rule brain_claims:
         f"{LOGS}/tables/paper_claims_brain.log",
     params:
         settings=settings("assisted"),
-        runs=brain_run_dirs(),
+        runs=BRAIN_CLAIM_RUNS,
     localrule: True
     resources:
         mem_mb=1000,

@@ -1,11 +1,13 @@
 # Shared helpers: config validation, result paths, and the settings passed to stages.
 import json
+import re
 import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
 try:
+    from equipet import ablation as ablation_study
     from equipet.config import validate
     from equipet.errors import ConfigError
 except ImportError as exc:  # pragma: no cover - message for a broken install
@@ -164,3 +166,50 @@ def all_targets():
         *reconstruction_targets(),
         *assisted_targets(),
     ]
+
+
+# ---- the pre-registered ablation (workflow/rules/ablation.smk) ---------------------------
+
+ABLATION = f"{RESULTS}/ablation"
+ABLATION_CONFS = {c.name: c for c in ablation_study.configurations(config)}
+
+
+def ablation_grid_dirs():
+    return [str(ablation_study.grid_dir(RESULTS, e, c, s)) for e, c, s in ablation_study.grid_runs(config)]
+
+
+def ablation_screen_dirs():
+    return [str(ablation_study.grid_dir(RESULTS, e, c, s)) for e, c, s in ablation_study.screen_runs(config)]
+
+
+def ablation_confirm_dirs():
+    return [str(ablation_study.confirm_dir(RESULTS, e, m, s)) for e, m, s in ablation_study.confirm_runs(config)]
+
+
+def ablation_run_dirs():
+    return ablation_grid_dirs() + ablation_confirm_dirs()
+
+
+def ablation_settings(name, experiment):
+    """Settings of one grid run: the configuration's merged config, and only its own entry."""
+    conf = ABLATION_CONFS[name]
+    merged = ablation_study.configuration_config(config, conf)
+    keys = ("device", "seeds", "results_dir", experiment, "models", "training", "evaluation")
+    own = {**config["ablation"], "configurations": [c for c in config["ablation"]["configurations"]
+                                                    if c["name"] == name]}
+    return json.dumps({**{k: merged[k] for k in keys}, "ablation": own}, sort_keys=True)
+
+
+def ablation_targets():
+    """Final outputs of the ablation, for rule ablation."""
+    return (
+        [f"{d}/metrics.csv" for d in ablation_run_dirs()]
+        + [
+            f"{ABLATION}/selection.json",
+            f"{RESULTS}/tables/ablation.csv",
+            f"{RESULTS}/tables/ablation_metrics.csv",
+            f"{RESULTS}/figures/ablation_loss.png",
+            f"{RESULTS}/figures/ablation_quality.png",
+            f"{RESULTS}/tables/paper_claims_brain.csv",
+        ]
+    )

@@ -1,0 +1,160 @@
+"""The pre-registered ablation: its configurations, the screen's selection and the planned grid."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO, copy_checkout
+
+from equipet import ablation
+from equipet.config import load_config
+from equipet.errors import ConfigError, InputDataError
+
+
+@pytest.fixture(scope="module")
+def ablation_config() -> dict:
+    return load_config([REPO / "config" / "config.yaml", REPO / "config" / "ablation.yaml"])
+
+
+def test_ablation_configurations_cover_the_preregistered_grid(ablation_config):
+    confs = {c.name: c for c in ablation.configurations(ablation_config)}
+    for experiment in ablation.EXPERIMENTS:
+        assert sum(experiment in c.experiments for c in confs.values()) >= 10
+    assert ablation_config["denoise"]["epochs"] == 2000 and ablation_config["radon_recon"]["epochs"] == 5000
+    assert len(ablation_config["ablation"]["seeds"]) == 3
+    # every configuration's merged config is valid and changes what its name says
+    merged = {n: ablation.configuration_config(ablation_config, c) for n, c in confs.items()}
+    assert merged["scnn_d4"]["models"]["scnn"]["group"] == "D"
+    assert merged["scnn_fmax"]["models"]["scnn"]["max_frequency"] == 4
+    assert merged["cnn_lr3e-3"]["training"]["learning_rate"] == pytest.approx(3e-3)
+    assert merged["cnn_noisy_dip"]["radon_recon"]["input"] == "noise"
+    assert merged["scnn_paper"] == ablation.configuration_config(ablation_config, confs["scnn_paper"])
+    # the paper-consistent ones are those of config/preregistration.md
+    text = (REPO / "config" / "preregistration.md").read_text()
+    for name, conf in confs.items():
+        row = next(line for line in text.splitlines() if f"`{name}`" in line)
+        assert row.strip().rstrip("|").split("|")[-1].strip().startswith("yes" if conf.paper_consistent else "no"), name
+
+
+def test_ablation_rejects_changes_outside_the_networks_and_brain_tasks(ablation_config):
+    cfg = json.loads(json.dumps(ablation_config))
+    cfg["ablation"]["configurations"][0]["changes"] = {"scanner": {"rings": 3}}
+    with pytest.raises(ConfigError, match="scanner"):
+        ablation.configurations(cfg)
+    cfg["ablation"]["configurations"][0]["changes"] = {"models": {"scnn": {"fields": 0}}}
+    with pytest.raises(ConfigError, match="fields"):
+        ablation.configuration_config(cfg, ablation.configurations(cfg)[0])
+
+
+def _screen_run(root: Path, name: str, model: str, psnr: float, consistent: bool, n_params: int) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    pd.DataFrame([
+        {"experiment": "denoise", "model": model, "seed": 0, "epoch": 10, "metric": "psnr", "value": psnr - 5,
+         "split": "train"},
+        {"experiment": "denoise", "model": model, "seed": 0, "epoch": 20, "metric": "psnr", "value": psnr,
+         "split": "train"},
+        {"experiment": "denoise", "model": model, "seed": 0, "epoch": 20, "metric": "psnr", "value": 99.0,
+         "split": "heldout"},   # never looked at by the selection
+    ]).to_csv(d / "metrics.csv", index=False)
+    (d / "configuration.json").write_text(json.dumps(
+        {"configuration": name, "model": model, "paper_consistent": consistent, "seed": 0, "n_parameters": n_params}))
+    return d
+
+
+def test_selection_picks_the_best_paper_consistent_run_of_each_network(tmp_path):
+    runs = [_screen_run(tmp_path, "scnn_a", "scnn", 30.0, True, 100),
+            _screen_run(tmp_path, "scnn_b", "scnn", 31.0, True, 100),
+            _screen_run(tmp_path, "scnn_x", "scnn", 40.0, False, 100),   # best, but not paper-consistent
+            _screen_run(tmp_path, "cnn_a", "cnn", 29.0, True, 500),
+            _screen_run(tmp_path, "cnn_b", "cnn", 29.0, True, 200)]      # tie: fewer parameters wins
+    chosen = ablation.select(runs)
+    assert chosen["scnn"]["configuration"] == "scnn_b"
+    assert chosen["cnn"]["configuration"] == "cnn_b"
+    # the selection follows the data: make scnn_a the better one
+    runs[0] = _screen_run(tmp_path / "again", "scnn_a", "scnn", 32.0, True, 100)
+    assert ablation.select(runs)["scnn"]["configuration"] == "scnn_a"
+    with pytest.raises(InputDataError, match="no finished paper-consistent CNN"):
+        ablation.select(runs[:3])
+
+
+def test_snakemake_ablation_dry_run_plans_every_configuration_and_seed(tmp_path):
+    """Acceptance: >= 10 configurations x 3 seeds for each of denoising and Radon, then the
+    selection, the confirmation (2 networks x 3 fresh seeds x 2 tasks) and the summary."""
+    work = copy_checkout(tmp_path)
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "ablation", "--cores", "2",
+                           "--configfile", "config/config.yaml", "config/ablation.yaml"],
+                          cwd=work, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    outputs = set(re.findall(r"output: results/ablation/grid/(\w+)/([\w.-]+)/seed(\d+)/metrics\.csv", proc.stdout))
+    for experiment in ("denoise", "radon_recon"):
+        confs = {c for e, c, _ in outputs if e == experiment}
+        assert len(confs) >= 10, confs
+        for conf in confs:
+            assert {s for e, c, s in outputs if e == experiment and c == conf} == {"0", "1", "2"}
+    confirm = set(re.findall(r"output: results/ablation/confirm/(\w+)/(\w+)/seed(\d+)/metrics\.csv", proc.stdout))
+    assert len(confirm) == 12
+    for rule in ("ablation_select", "ablation_summary", "brain_claims"):
+        assert re.search(rf"^{rule}\s+1$", proc.stdout, re.M), rule
+
+
+TINY = """
+results_dir: results
+device: cpu
+brain: {size: 32, heldout_slices: [-8, 8]}
+denoise: {epochs: 4, snapshots: [2, 4]}
+radon_recon: {epochs: 4, snapshots: [2, 4], n_angles: 16}
+training: {checkpoint_every: 2}
+evaluation: {rotations_deg: [45, 90]}
+assisted: {plateau: {window: 2}}
+ablation:
+  seeds: [0]
+  screen_seed: 0
+  confirm_seeds: [5]
+  configurations:
+    - {name: scnn_paper, model: scnn, paper_consistent: true}
+    - {name: scnn_c4, model: scnn, paper_consistent: false, changes: {models: {scnn: {order: 4}}}}
+    - {name: cnn_paper, model: cnn, paper_consistent: true}
+"""
+
+
+@pytest.mark.slow
+def test_gpu_runner_writes_the_rules_outputs_so_snakemake_only_aggregates(tmp_path):
+    """run_ablation.py at 4 epochs on the CPU: every grid and confirmation run, the selection,
+    the wall time per run; afterwards `snakemake -n ablation` plans no training job."""
+    work = copy_checkout(tmp_path)
+    (work / "config" / "tiny.yaml").write_text(TINY)
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(work / "workflow"))
+    configs = ["config/config.yaml", "config/tiny.yaml"]
+    proc = subprocess.run([sys.executable, "workflow/benchmarks/run_ablation.py", "--configfile", *configs,
+                           "--device", "cpu", "--jobs", "2", "--only", "all"],
+                          cwd=work, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    times = re.findall(r"^done (\S+): ([\d.]+) s wall$", proc.stdout, re.M)
+    labels = {label for label, _ in times}
+    assert {"grid/denoise/scnn_paper/seed0", "grid/radon_recon/scnn_c4/seed0", "confirm/radon_recon/cnn/seed5",
+            "select"} <= labels
+    assert len([l for l in labels if l.startswith(("grid/", "confirm/"))]) == 6 + 4
+    selection = json.loads((work / "results" / "ablation" / "selection.json").read_text())
+    assert selection["scnn"]["configuration"] == "scnn_paper"      # the only paper-consistent SCNN
+    labels = json.loads((work / "results/ablation/confirm/denoise/scnn/seed5/configuration.json").read_text())
+    assert labels["configuration"] == "scnn_paper" and labels["stage"] == "confirm"
+    metrics = pd.read_csv(work / "results/ablation/grid/denoise/scnn_c4/seed0/metrics.csv")
+    assert set(metrics["configuration"]) == {"scnn_c4"} and set(metrics["group"]) == {"C4"}
+    # rerunning skips finished runs
+    again = subprocess.run([sys.executable, "workflow/benchmarks/run_ablation.py", "--configfile", *configs,
+                            "--only", "screen"], cwd=work, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "skip grid/denoise/scnn_paper/seed0: finished" in again.stdout
+    plan = subprocess.run([sys.executable, "-m", "snakemake", "-n", "ablation", "--cores", "2", "--configfile",
+                           *configs], cwd=work, capture_output=True, text=True, timeout=300, env=env)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert "ablation_summary" in plan.stdout
+    assert not re.search(r"^(ablation_train|ablation_confirm|ablation_select|brain)\s+\d+$", plan.stdout, re.M)
