@@ -233,3 +233,20 @@ def test_sparse_matrix_equals_on_the_fly_and_is_adjoint(setup, shape):
     # round trip through a plain state dict
     S2 = type(S).from_state_dict(S.state_dict())
     torch.testing.assert_close(S2.adjoint(y), S.adjoint(y))
+
+
+def test_sparse_matrix_with_many_padding_groups():
+    """Chunks large enough to be cut into several padding groups (of different lengths) give
+    the same stored matrix as the on-the-fly projector."""
+    rng = np.random.default_rng(11)
+    g = ImageGeometry.centred((20, 18, 5), (1.0, 1.0, 1.2))
+    p1, p2 = random_lors(2400, rng)
+    tof = rng.normal(0, 8, 2400)
+    f32 = torch.float32
+    A = ListmodeTOFProjector(g, torch.tensor(p1, dtype=f32), torch.tensor(p2, dtype=f32), torch.tensor(tof, dtype=f32),
+                             25.0, chunk_size=10**6)
+    blocks = next(A._chunks(f32))[1].blocks
+    assert len(blocks) > 1 and len({b[1].shape[1] for b in blocks}) > 1
+    S = A.to_sparse()
+    x = torch.rand(g.shape, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(S.apply(x), A.apply(x), rtol=1e-5, atol=1e-6)
