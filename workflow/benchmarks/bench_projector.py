@@ -8,6 +8,11 @@ ROOT file given with --root). For each CTR it times
 
 * ``ours``: :class:`equipet.projector.ListmodeTOFProjector` apply + adjoint (on-the-fly
   system matrix), on the CPU and, when present, on the GPU;
+* ``ours_fused``: its ``apply_adjoint`` (``A^T h(A x)`` with each chunk's rows computed once,
+  MLEM's update);
+* ``baseline`` (with ``--baseline FILE``): the same apply + adjoint of another version of the
+  projector module, e.g. the previous one, ``git show 3e11ef3:workflow/equipet/projector.py >
+  /tmp/projector_3e11ef3.py``, timed in the same run on the same events;
 * ``reference_loop``: the straightforward per-event, per-plane Python implementation
   (:func:`equipet.projector.reference_forward_per_event`) on a few hundred events; its
   forward time is doubled for forward + back (the adjoint loop is the same work);
@@ -58,42 +63,51 @@ def synthetic_events(scanner: Scanner, n: int, seed: int = 0):
     return p1, p2
 
 
-def time_ours(geom, p1, p2, tof, fwhm, device, chunk, repeats=2):
+def time_ours(geom, p1, p2, tof, fwhm, device, chunk, repeats=3, fused=False, projector_class=ListmodeTOFProjector):
+    """Events per second of forward + back projection (best of ``repeats``, after a warm-up)."""
     t = [torch.as_tensor(a, device=device) for a in (p1, p2, tof)]
-    A = ListmodeTOFProjector(geom, t[0], t[1], t[2], fwhm, chunk_size=chunk)
+    A = projector_class(geom, t[0], t[1], t[2], fwhm, chunk_size=chunk)
     x = torch.ones(geom.shape, device=device)
-    y = A.apply(x)  # warm-up
-    A.adjoint(y)
+
+    def once():
+        if fused:
+            return A.apply_adjoint(x, lambda ax, start: 1.0 / ax.clamp_min(1e-12))
+        return A.adjoint(1.0 / A.apply(x).clamp_min(1e-12))
+
+    once()  # warm-up
     _sync(device)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        y = A.apply(x)
-        b = A.adjoint(y)
+        once()
         _sync(device)
         best = min(best, time.perf_counter() - t0)
     return len(p1) / best
 
 
+def load_baseline(path: str):
+    """The ``ListmodeTOFProjector`` class of another projector module file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_projector", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ListmodeTOFProjector
+
+
 def time_sparse(geom, p1, p2, tof, fwhm, chunk):
+    """Events per second of the stored matrix (CSR of A and of A^T; build time excluded) and its MB."""
     A = ListmodeTOFProjector(geom, torch.as_tensor(p1), torch.as_tensor(p2), torch.as_tensor(tof), fwhm,
                              chunk_size=chunk)
-    rows, cols, vals = [], [], []
-    for start, idx, wt in A._chunks(torch.float32):
-        m = idx.shape[0]
-        r = (torch.arange(m) + start)[:, None, None].expand_as(idx)
-        keep = wt != 0
-        rows.append(r[keep]); cols.append(idx[keep]); vals.append(wt[keep])
-    rows, cols, vals = torch.cat(rows), torch.cat(cols), torch.cat(vals)
-    M = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (len(p1), geom.n_voxels)).coalesce().to_sparse_csr()
-    MT = M.t().to_sparse_csr()
-    x = torch.ones(geom.n_voxels, 1)
-    t0 = time.perf_counter()
-    y = M @ x
-    MT @ y
-    dt = time.perf_counter() - t0
-    mem_mb = vals.numel() * (4 + 8) * 2 / 1e6
-    return len(p1) / dt, mem_mb
+    S = A.to_sparse()
+    x = torch.ones(geom.shape)
+    S.adjoint(S.apply(x))
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        S.adjoint(1.0 / S.apply(x).clamp_min(1e-12))
+        best = min(best, time.perf_counter() - t0)
+    return len(p1) / best, S.nbytes / 1e6
 
 
 def time_reference(geom, p1, p2, tof, fwhm, n=200):
@@ -115,8 +129,10 @@ def main(argv=None) -> None:
     p.add_argument("--ctrs", type=float, nargs="+", default=[50.0, 100.0, 200.0])
     p.add_argument("--no-sparse", action="store_true", help="skip the sparse-matrix reference (memory)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--baseline", help="a projector module file to time in the same run (e.g. the previous version)")
     p.add_argument("--out", help="also write the table as CSV")
     args = p.parse_args(argv)
+    baseline = load_baseline(args.baseline) if args.baseline else None
 
     cfg = load_config(args.config)
     cfg["mlem"]["fov_mm"] = [112.0, 112.0, 12.8]          # the default grid, whatever the config
@@ -146,13 +162,23 @@ def main(argv=None) -> None:
             ns = min(n, 20_000)
             sp, mem = time_sparse(geom, p1[:ns], p2[:ns], tof[:ns], fwhm, 8192)
             rows.append(("sparse_matrix", "cpu", ctr, sp, f"{mem / ns * 1e3:.1f} kB/event"))
+        n_rows = len(rows)
         for dev in devices:
             nd = n if dev.type == "cpu" else len(p1_all)
             pp1, pp2 = (p1_all[:nd], p2_all[:nd])
             tt = rng.normal(0, fwhm / 2.355, nd).astype(np.float32)
-            ours = time_ours(geom, pp1, pp2, tt, fwhm, dev, chunk_events(cfg["mlem"], dev))
-            rows.append(("ours", str(dev), ctr, ours, f"x{ours / ref:.0f} vs reference_loop"))
-        for r in rows[-(2 + len(devices)):]:
+            chunk = chunk_events(cfg["mlem"], dev)
+            base = (time_ours(geom, pp1, pp2, tt, fwhm, dev, chunk, projector_class=baseline)
+                    if baseline is not None else None)
+            ours = time_ours(geom, pp1, pp2, tt, fwhm, dev, chunk)
+            fused = time_ours(geom, pp1, pp2, tt, fwhm, dev, chunk, fused=True)
+            if base is not None:
+                rows.append(("baseline", str(dev), ctr, base, f"x{base / ref:.0f} vs reference_loop"))
+            vs = f"; x{ours / base:.2f} vs baseline" if base else ""
+            rows.append(("ours", str(dev), ctr, ours, f"x{ours / ref:.0f} vs reference_loop{vs}"))
+            vs = f"; x{fused / base:.2f} vs baseline" if base else ""
+            rows.append(("ours_fused", str(dev), ctr, fused, f"x{fused / ref:.0f} vs reference_loop{vs}"))
+        for r in rows[n_rows - (2 if not args.no_sparse else 1):]:
             print(f"{r[0]:>15} {r[1]:>6} CTR {r[2]:5.0f} ps: {r[3]:12.4g} TOF events/s fwd+back  {r[4]}", flush=True)
 
     # one MLEM iteration at the default acquisition size (events recycled if fewer are at hand)
