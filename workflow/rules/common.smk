@@ -13,7 +13,7 @@ from snakemake.exceptions import WorkflowError
 # interpreter, and the venv's directory is the one with the commands.
 _ENV_BIN = os.path.dirname(os.path.abspath(sys.executable))
 if os.environ.get("PATH", "").split(os.pathsep)[0] != _ENV_BIN:
-    os.environ["PATH"] = os.pathsep.join([_ENV_BIN, *filter(None, [os.environ.get("PATH")])])
+    os.environ.update(PATH=os.pathsep.join([_ENV_BIN, *filter(None, [os.environ.get("PATH")])]))
 
 try:
     from equipet.config import validate
