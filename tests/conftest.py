@@ -43,3 +43,40 @@ def paper_config() -> dict:
     from equipet.config import load_config
 
     return load_config(REPO / "config" / "config.yaml")
+
+
+def crystal_box(scanner, rsector, module, crystal, layer, points_mm):
+    """Whether each point lies in the crystal (DOI layer) its IDs name, and that crystal's centre.
+
+    Computed from the scanner's numbers and GATE's ID convention alone (scanner.py module
+    doc), not through :class:`equipet.scanner.Scanner`'s own geometry methods, so that tests
+    of ``locate`` and ``crystal_centres_mm`` do not check the code with itself. Inner radius:
+    the inner corners of neighbouring modules meet, ``R = (n_y p / 2) / tan(pi / n_modules)``.
+    Returns ``(inside (N,), centre (N, 3) mm)``; ``inside`` allows 1 um of rounding.
+    """
+    import math
+
+    import numpy as np
+
+    p = scanner.pixel_size_mm + scanner.pixel_gap_mm
+    ny, nz, n = scanner.pixels_transaxial, scanner.pixels_axial, scanner.modules_per_ring
+    R = scanner.inner_radius_mm if scanner.inner_radius_mm is not None else ny * p / 2 / math.tan(math.pi / n)
+    d = scanner.crystal_thickness_mm / scanner.doi_layers
+    k, m, c, l = (np.asarray(a, dtype=np.int64) for a in (rsector, module, crystal, layer))
+    iy, iz = c % ny, c // ny
+    phi = 2 * math.pi * k / n
+    x, y, z = (np.asarray(points_mm, dtype=np.float64)[:, a] for a in range(3))
+    radial = x * np.cos(phi) + y * np.sin(phi)
+    trans = -x * np.sin(phi) + y * np.cos(phi)
+    r_lo = R + l * d
+    t_lo = (iy - ny / 2) * p + scanner.pixel_gap_mm / 2
+    z_lo = -scanner.rings * nz * p / 2 + m * nz * p + iz * p + scanner.pixel_gap_mm / 2
+    s = scanner.pixel_size_mm
+    eps = 1e-3
+    inside = ((radial >= r_lo - eps) & (radial <= r_lo + d + eps) & (trans >= t_lo - eps) & (trans <= t_lo + s + eps)
+              & (z >= z_lo - eps) & (z <= z_lo + s + eps)
+              & (k >= 0) & (k < n) & (m >= 0) & (m < scanner.rings) & (iy >= 0) & (iz < nz) & (l >= 0)
+              & (l < scanner.doi_layers))
+    rc, tc = r_lo + d / 2, t_lo + s / 2
+    centre = np.stack([rc * np.cos(phi) - tc * np.sin(phi), rc * np.sin(phi) + tc * np.cos(phi), z_lo + s / 2], 1)
+    return inside, centre

@@ -7,6 +7,7 @@ from equipet.errors import ConfigError, InputDataError
 from equipet.listmode import (C_MM_PER_S, branches_needed, convert_chunk, read_listmode, select_mask,
                               simulate_true_events, tof_offset_mm, tof_sign_residual_mm)
 from equipet.scanner import Scanner
+from conftest import crystal_box
 
 SCANNER = Scanner(rings=5, modules_per_ring=44, pixels_transaxial=24, pixels_axial=24, pixel_size_mm=2.1,
                   pixel_gap_mm=0.0, crystal_thickness_mm=20.0, doi_layers=2, inner_radius_mm=None,
@@ -41,13 +42,20 @@ def test_known_source_positions_recovered(mode):
 
 
 def test_crystal_endpoints_are_crystal_centres_at_doi_layer():
+    """Each crystal-mode endpoint is the centre of the crystal, in its DOI layer, that contains
+    the interaction point, computed from the scanner's numbers (conftest.crystal_box), not
+    with crystal_centres_mm."""
     rng = np.random.default_rng(1)
     chunk = simulate_true_events(SCANNER, rng.normal(0, 10, (500, 3)), 100.0, rng, 0.2)
     ev = convert_chunk(chunk, SCANNER, "trues", "crystal")
-    exp = SCANNER.crystal_centres_mm(chunk["rsectorID1"], chunk["moduleID1"], chunk["crystalID1"], chunk["layerID1"])
-    np.testing.assert_allclose(ev.p1_mm, exp, atol=1e-3)
-    # the detecting crystal contains the interaction position
-    assert np.all(np.abs(ev.p1_mm - np.stack([chunk[f"globalPos{a}1"] for a in "XYZ"], 1)) < 10.6)
+    assert len(ev) > 400
+    for k, p in (("1", ev.p1_mm), ("2", ev.p2_mm)):
+        q = np.stack([chunk[f"globalPos{a}{k}"] for a in "XYZ"], 1)
+        inside, centre = crystal_box(SCANNER, chunk["rsectorID" + k], chunk["moduleID" + k],
+                                     chunk["crystalID" + k], chunk["layerID" + k], q)
+        assert inside.all()
+        np.testing.assert_allclose(p, centre, atol=1e-3)
+    assert set(np.unique(chunk["layerID1"])) == {0, 1}
 
 
 def test_selection_energy_window_randoms_and_scatter():

@@ -17,9 +17,14 @@ apt-get); any other failure to start the cluster fails them.
    killed again, resubmitted by the profile's ``retries: 1``, and completes with the
    local run's numbers.
 
-The test cluster has no GPU: ``sbatch --gpus=1`` is refused there ("Invalid generic
-resource"), so the runs add ``--set-resources <rule>:gpu=0`` for every rule that requests
-one (and cap ``mem_mb`` at the node's memory); the profile and the rules keep ``gpu: 1``.
+3. Fault: a training job exits non-zero once (its first attempt, injected into the copy's
+   rule); the profile's ``retries: 1`` resubmits it and the run completes.
+
+The test cluster declares one GPU GRES (a device file, ``AutoDetect=off``; no GPU behind
+it), so rules with ``gpu: 1`` are submitted with ``sbatch --gpus=1`` unchanged (checked),
+and train on the CPU (``device: auto``). Runs cap ``mem_mb`` at the node's memory. With
+``EQUIPET_REQUIRE_SLURM=1`` (set by ``.ci/run``) a SLURM that cannot be installed fails the
+tests instead of skipping them.
 It has no accounting database either, so job status comes from ``squeue``
 (``--slurm-status-command squeue``; the cluster keeps finished jobs for an hour).
 """
@@ -75,6 +80,8 @@ def slurm(tmp_path_factory) -> dict:
     proc = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True,
                           timeout=900)
     if proc.returncode == 3:
+        if os.environ.get("EQUIPET_REQUIRE_SLURM") == "1":
+            pytest.fail(f"EQUIPET_REQUIRE_SLURM=1 but SLURM cannot be installed here: {proc.stderr.strip()}")
         pytest.skip(f"SLURM cannot be installed here: {proc.stderr.strip()}")
     assert proc.returncode == 0, f"local SLURM cluster did not start:\n{proc.stdout}{proc.stderr}"
 
@@ -202,16 +209,19 @@ def _plan(workdir: Path, env: dict, *targets: str) -> dict[str, dict]:
 
 
 def _test_cluster_overrides(plan: dict[str, dict], slurm: dict) -> list[str]:
-    """--set-resources for what this CPU-only test node cannot give: GPUs and big memory.
+    """--set-resources for what this small test node cannot give: memory above its RealMemory.
 
-    `sbatch --gpus=1` is refused on a cluster without GPUs, so rules that request `gpu`
-    run with gpu=0 here; a memory request above the node's RealMemory is capped to it.
+    GPU requests stay as the rules make them (`sbatch --gpus=1`): the node declares a GPU GRES.
     """
     node_mem = int(subprocess.run(["sinfo", "-h", "-o", "%m"], env=slurm["env"], check=True,
                                   capture_output=True, text=True).stdout.split()[0].rstrip("+"))
-    sets = [f"{r}:gpu=0" for r, e in sorted(plan.items()) if e["gpu"]]
-    sets += [f"{r}:mem_mb={node_mem}" for r, e in sorted(plan.items()) if e["mem_mb"] > node_mem]
+    sets = [f"{r}:mem_mb={node_mem}" for r, e in sorted(plan.items()) if e["mem_mb"] > node_mem]
     return ["--set-resources", *sets] if sets else []
+
+
+def _sbatch_lines(slurm: dict, run_id: str, rule: str) -> list[str]:
+    return [line for line in slurm["sbatch_log"].read_text().splitlines()
+            if f"--job-name {run_id} " in line and re.search(rf"rule_{rule}(_wildcards|\W)", line)]
 
 
 def _ran(log_text: str) -> tuple[dict[str, int], dict[str, int]]:
@@ -307,6 +317,12 @@ def test_quick_config_on_slurm(slurm, snapshot, local_run, tmp_path_factory):
     assert jobs.rule.value_counts().to_dict() == remote, jobs
     assert (jobs.state == "COMPLETED").all(), jobs
     assert not set(jobs.rule) & set(local), jobs
+    # GPU rules went through `sbatch --gpus=1` unchanged, and ran on the node's GPU GRES
+    gpu_rules = [r for r, e in plan.items() if e["gpu"]]
+    assert "train_brain" in gpu_rules
+    for rule in gpu_rules:
+        lines = _sbatch_lines(slurm, run_id, rule)
+        assert lines and all(re.search(r"--gpus[= ]1\b", line) for line in lines), lines
     print(f"SLURM jobs: {len(jobs)} ({dict(jobs.rule.value_counts())}); "
           f"local jobs: {sum(local.values())} ({local})")
 
@@ -438,5 +454,32 @@ def test_scancel_mid_run_rerun_and_retry(slurm, snapshot, local_run, tmp_path_fa
     _assert_job_gone(workdir)
     for name in ("metrics.csv", "loss.csv", "timing.json", "eval.npz"):
         assert (out / name).stat().st_size > 0, name
+    _assert_same_tables(workdir / "results", local_run["results"],
+                        [f"{FAULT_RUN}/metrics.csv", f"{FAULT_RUN}/loss.csv"])
+
+
+def test_job_failing_once_is_retried(slurm, snapshot, local_run, tmp_path_factory):
+    """A training job whose first attempt exits with status 3 (before writing anything) is
+    resubmitted by the profile's ``retries: 1`` and completes with the local run's numbers.
+
+    The failure is injected into this copy's train_brain rule: a shell prefix that fails when
+    its marker file is absent and creates it.
+    """
+    workdir = _fault_workdir(snapshot, local_run, tmp_path_factory.mktemp("fail_once"))
+    marker = workdir / "failed-once"
+    rules = workdir / "workflow" / "rules" / "brain.smk"
+    text = rules.read_text()
+    head = '        "{params.command} --settings {params.settings:q} --brain {input.brain} "'
+    assert head in text
+    rules.write_text(text.replace(head, f'        "test -e {marker} || {{{{ touch {marker}; exit 3; }}}}; "\n' + head))
+    rc, wall, log = _run(workdir, [f"results/{FAULT_RUN}/metrics.csv", *_fault_args(workdir, slurm)],
+                         slurm["env"], workdir / "snakemake.log")
+    assert rc == 0, log[-8000:]
+    print(f"\nfail once, retried ({FAULT_RUN}): {wall:.0f} s")
+    assert marker.exists()
+    jobs = _slurm_jobs(slurm["env"], _run_id(log))
+    assert list(jobs.rule) == ["train_brain", "train_brain"], jobs
+    assert sorted(jobs.state) == ["COMPLETED", "FAILED"], jobs
+    assert "Trying to restart job" in log
     _assert_same_tables(workdir / "results", local_run["results"],
                         [f"{FAULT_RUN}/metrics.csv", f"{FAULT_RUN}/loss.csv"])

@@ -117,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         import nibabel as nib
         import pandas as pd
 
+        from equipet.errors import InputDataError
         from equipet.files import atomic_path
         from equipet.mlem import image_geometry
 
@@ -134,7 +135,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         for path in args.images:
             match = re.search(r"_it(\d+)\.nii", path.name)
             it = int(match.group(1)) if match else 0
-            img = np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)
+            try:
+                img = np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)
+            except Exception as exc:  # nibabel raises many kinds for broken files
+                raise InputDataError(f"cannot read the image ({type(exc).__name__}: {exc})", where=str(path),
+                                     fix="delete it and rerun the mlem rule that wrote it") from exc
+            if img.shape != tuple(geom.shape):
+                raise InputDataError(
+                    f"image shape {img.shape} is not the mlem grid {tuple(geom.shape)} (mlem.fov_mm / mlem.voxel_size_mm)",
+                    where=str(path),
+                    fix="pass images reconstructed with the same mlem settings, or rerun the mlem rule")
             rows += metrics_rows(img, rods, bkg, ratio, it, args.ctr_ps, seed=cfg.get("acquisition", {}).get("seed", 0))
         df = pd.DataFrame(rows).sort_values(["epoch", "metric"])
         with atomic_path(args.out) as tmp:

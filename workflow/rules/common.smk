@@ -1,10 +1,20 @@
 # Shared helpers: config validation, result paths, and the settings passed to stages.
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+
+# Jobs run the equipet-* commands of the environment that runs Snakemake, activated or not
+# (e.g. `.venv/bin/snakemake reconstruction`): its bin directory goes first on the PATH that
+# shell commands of local jobs inherit, and that SLURM jobs inherit through sbatch
+# (--export=ALL). sys.executable is not resolved: a venv's bin holds links to the base
+# interpreter, and the venv's directory is the one with the commands.
+_ENV_BIN = os.path.dirname(os.path.abspath(sys.executable))
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _ENV_BIN:
+    os.environ.update(PATH=os.pathsep.join([_ENV_BIN, *filter(None, [os.environ.get("PATH")])]))
 
 try:
     from equipet import ablation as ablation_study
