@@ -7,8 +7,9 @@
 #    paper acquisition's slice events when results/assisted/ctr100/slice.npz exists);
 # 2. then, side by side until DEADLINE_S seconds after the start (default 3000):
 #    * the paper configuration's assisted runs at CTR 100 ps, every method of
-#      assisted.methods, both networks, the given seeds (default "0"), 60000 epochs, on the
-#      slice of the paper acquisition (its stored matrix is built here on the GPU);
+#      assisted.methods, both networks, the given seeds (default "0"), 60000 epochs (or to the
+#      plateau with ASSISTED_CFG=config/early_stop.yaml), on the slice of the paper
+#      acquisition (its stored matrix is built here on the GPU);
 #    * the pre-registered ablation (run_ablation.py --only all: screen, selection,
 #      confirmation, then the rest of the grid).
 #    Runs still going at the deadline are stopped: their checkpoint.pt and loss.csv stay, and
@@ -42,7 +43,7 @@ base_arg=()
 log "bench_assisted (GPU, 1.5e6 slice events)"
 slice_arg=()
 [ -f "$SLICE" ] && slice_arg=(--slice "$SLICE")
-"$PY" workflow/benchmarks/bench_assisted.py --config "$CFG" --events "${ASSISTED_EVENTS:-1500000}" --epochs 50 --device "$DEVICE" \
+"$PY" workflow/benchmarks/bench_assisted.py --config "$CFG" --events "${ASSISTED_EVENTS:-1500000}" --epochs 30 --device "$DEVICE" \
     "${slice_arg[@]}" --out "$OUT/bench_assisted.csv" 2>&1 | grep -v Warning | tee "$OUT/bench_assisted.txt"
 
 pids=()
@@ -62,7 +63,7 @@ EOF
         dir=results/assisted/ctr100/$method/$model/seed$seed
         mkdir -p "$dir" results/logs/assisted
         log "start assisted $method $model seed $seed"
-        "$PY" -c "from equipet.assisted import main; main()" --config "$CFG" --slice "$SLICE" \
+        "$PY" -c "from equipet.assisted import main; main()" --config "$CFG" ${ASSISTED_CFG:-} --slice "$SLICE" \
             --system results/assisted/ctr100/system.pt --method "$method" --model "$model" --seed "$seed" \
             --out-dir "$dir" --log "results/logs/assisted/ctr100_${method}_${model}_seed${seed}.log" \
             > "$OUT/assisted_${method}_${model}_seed${seed}.txt" 2>&1 &
