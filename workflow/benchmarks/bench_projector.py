@@ -91,6 +91,7 @@ def load_baseline(path: str):
 
     spec = importlib.util.spec_from_file_location("baseline_projector", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.ListmodeTOFProjector
 

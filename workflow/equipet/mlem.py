@@ -85,7 +85,7 @@ from equipet.scanner import Scanner
 
 log = logging.getLogger("equipet.mlem")
 
-CPU_CHUNK_EVENTS = 8192
+CPU_CHUNK_EVENTS = 16384
 GPU_CHUNK_EVENTS = 1 << 20
 
 

@@ -79,6 +79,8 @@ import torch
 
 #: events of a chunk are sorted by their number of ray samples and padded in this many groups
 GROUPS_PER_CHUNK = 8
+#: ... each of at least this many events (fewer groups for small chunks)
+MIN_GROUP_EVENTS = 256
 
 #: speed of light, mm per ps
 C_MM_PER_PS = 0.299792458
@@ -286,12 +288,18 @@ class ListmodeTOFProjector:
         order = torch.argsort(ev["count"])
         order = order[int((ev["count"] == 0).sum()):]      # events that miss the grid project to 0
         n = order.shape[0]
-        bounds = np.linspace(0, n, min(GROUPS_PER_CHUNK, max(1, n // 256)) + 1).round().astype(int)
+        bounds = np.linspace(0, n, min(GROUPS_PER_CHUNK, max(1, n // MIN_GROUP_EVENTS)) + 1).round().astype(int)
+        # one gather per group for all per-event values (floats and integers kept in two tables)
+        fkeys = [k for k, v in ev.items() if v.is_floating_point()]
+        ikeys = [k for k in ev if k not in fkeys]
+        ftab = torch.stack([ev[k] for k in fkeys], dim=1)
+        itab = torch.stack([ev[k] for k in ikeys], dim=1)
         blocks = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             if b > a:
                 rows = order[a:b]
-                idx, wt = self._ray_samples({k: v[rows] for k, v in ev.items()}, tof is not None)
+                r = dict(zip(fkeys, ftab[rows].unbind(1))) | dict(zip(ikeys, itab[rows].unbind(1)))
+                idx, wt = self._ray_samples(r, tof is not None)
                 blocks.append((rows, idx, wt))
         return SystemRows(M, self.geometry, blocks)
 
