@@ -204,6 +204,20 @@ def test_fused_apply_adjoint_equals_separate(setup):
     assert [s for s, _ in seen[:-1]] == list(range(0, len(p1), 23))   # chunk by chunk, in order
 
 
+def test_sparse_matrix_of_a_chunk_with_several_padding_groups():
+    """A chunk of more than 512 events is cut into groups padded to different ray lengths; the
+    stored matrix joins them (a chunk of one group would not exercise this)."""
+    rng = np.random.default_rng(3)
+    g = ImageGeometry.centred((17, 14, 6), (1.0, 1.1, 0.9))
+    p1, p2 = random_lors(2000, rng)
+    f32 = torch.float32
+    A = ListmodeTOFProjector(g, torch.tensor(p1, dtype=f32), torch.tensor(p2, dtype=f32),
+                             torch.tensor(rng.normal(0, 8, 2000), dtype=f32), 20.0, chunk_size=4096)
+    assert len(next(A._chunks(f32))[1].blocks) > 1
+    x = torch.rand(g.shape, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(A.to_sparse().apply(x), A.apply(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(17, 14, 6), (17, 14, 1)])
 def test_sparse_matrix_equals_on_the_fly_and_is_adjoint(setup, shape):
     """The stored CSR matrix (and its transpose) has exactly the projector's weights; on a

@@ -444,7 +444,8 @@ class SystemRows:
             empty = torch.zeros(0, dtype=torch.int64)
             return empty, empty, torch.zeros(0)
         nx, ny, nz = self.geometry.shape
-        rows = torch.cat([r[:, None, None].expand_as(i) for r, i, _ in self.blocks]).reshape(-1)
+        # blocks are padded to different lengths S: flatten each before joining them
+        rows = torch.cat([r[:, None, None].expand_as(i).reshape(-1) for r, i, _ in self.blocks])
         col = torch.cat([i.reshape(-1) for _, i, _ in self.blocks]).to(torch.int64)
         val = torch.cat([w.reshape(-1) for _, _, w in self.blocks])
         i, rem = col // ((ny + 2) * (nz + 2)) - 1, col % ((ny + 2) * (nz + 2))
