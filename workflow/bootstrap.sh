@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # equipet: set up a fresh machine and run the workflow or the tests.
 #
-#   bash workflow/bootstrap.sh run  [snakemake args...]   # set up, run the paper config, build the report
+#   bash workflow/bootstrap.sh run  [snakemake args...]   # set up, estimate the time, run the paper config, build the report
 #   bash workflow/bootstrap.sh test [pytest args...]      # set up, run the test suite
 #   bash workflow/bootstrap.sh setup                      # set up only
 #
@@ -55,6 +55,29 @@ setup() {
     export MPLBACKEND=Agg
 }
 
+# The jobs and expected wall time of this run on this machine (equipet-estimate: a short
+# calibration, then the dry run's jobs times the measured costs). EQUIPET_ESTIMATE=0 skips it;
+# its failure only warns. Reads the --configfile(s) and --cores of the Snakemake arguments.
+estimate() {
+    [ "${EQUIPET_ESTIMATE:-1}" = 0 ] && return 0
+    local args=() take=""
+    for a in "$@"; do
+        case "$a" in
+            --configfile|--configfiles) take=config; args+=(--configfile) ;;
+            --cores|-c) take=cores; args+=(--cores) ;;
+            --configfile=*|--configfiles=*) take=""; args+=(--configfile "${a#*=}") ;;
+            --cores=*) take=""; args+=(--cores "${a#*=}") ;;
+            -*) take="" ;;
+            *) case "$take" in
+                   config) args+=("$a") ;;
+                   cores) [ "$a" = all ] && unset 'args[${#args[@]}-1]' || args+=("$a"); take="" ;;
+               esac ;;
+        esac
+    done
+    python -m equipet.estimate "${args[@]}" \
+        || say "warning: the time estimate failed (see above); starting the run anyway"
+}
+
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -62,6 +85,7 @@ case "$cmd" in
         setup ;;
     run)
         setup
+        estimate "$@"
         snakemake --profile workflow/profiles/default "$@"
         snakemake --profile workflow/profiles/default "$@" --report "${EQUIPET_REPORT:-results/report.html}"
         say "done: results in results/, report in ${EQUIPET_REPORT:-results/report.html}" ;;

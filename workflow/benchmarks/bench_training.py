@@ -15,7 +15,6 @@ Times full training epochs (forward, loss, backward, Adam step) of both networks
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import pandas as pd
@@ -24,7 +23,7 @@ import torch
 from equipet.config import validate
 from equipet.nets import build_model, count_parameters
 from equipet.radon import RadonTransform
-from equipet.training import ForwardModelMSELoss, MSELoss
+from equipet.training import ForwardModelMSELoss, MSELoss, seconds_per_epoch
 
 PAPER_S_PER_EPOCH = {  # TITAN RTX, from the paper's text
     ("denoise", "cnn"): 104 / 2000, ("denoise", "scnn"): 106 / 2000,
@@ -32,38 +31,21 @@ PAPER_S_PER_EPOCH = {  # TITAN RTX, from the paper's text
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_epochs(model_name: str, experiment: str, size: int, epochs: int, device: torch.device) -> tuple[float, int]:
-    """Median seconds per training epoch after warm-up, and the parameter count."""
+    """Median seconds per training epoch after 5 warm-up epochs, and the parameter count."""
     models_cfg = validate({})["models"]
     torch.manual_seed(0)
-    model = build_model(model_name, models_cfg).to(device).train()
+    model = build_model(model_name, models_cfg)
     rng = np.random.default_rng(0)
-    image = torch.from_numpy(rng.random((1, 1, size, size), dtype=np.float32)).to(device)
+    image = torch.from_numpy(rng.random((1, 1, size, size), dtype=np.float32))
     if experiment == "denoise":
-        loss = MSELoss(image).to(device)
+        loss = MSELoss(image)
     else:
         op = RadonTransform(size, np.linspace(0, 180, 180, endpoint=False))
         with torch.no_grad():
             sino = op.apply(image)
-        loss = ForwardModelMSELoss(op, sino).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    times = []
-    for i in range(epochs + 5):
-        _sync(device)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        value = loss(model(image))
-        value.backward()
-        opt.step()
-        _sync(device)
-        if i >= 5:
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times)), count_parameters(model)
+        loss = ForwardModelMSELoss(op, sino)
+    return seconds_per_epoch(model, image, loss, device, epochs=epochs, warmup=5), count_parameters(model)
 
 
 def main() -> None:

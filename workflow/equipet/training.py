@@ -63,6 +63,7 @@ __all__ = [
     "TrainResult",
     "seed_everything",
     "train",
+    "seconds_per_epoch",
     "CHECKPOINT_NAME",
 ]
 
@@ -590,3 +591,35 @@ def _train(
         wall_time_s=np.asarray(wall_time_s, dtype=np.float64),
         resumed_from_epoch=start_epoch,
     )
+
+
+def seconds_per_epoch(model: torch.nn.Module, net_input: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor],
+                      device: torch.device | str, epochs: int = 5, warmup: int = 2,
+                      learning_rate: float = 1e-3) -> float:
+    """Median wall time, s, of one training epoch of :func:`train` on ``device``, after ``warmup`` epochs.
+
+    An epoch is what :func:`train` does per step: ``zero_grad``, ``loss(model(net_input))``,
+    ``backward`` and one Adam step, with a CUDA synchronisation so that the time is the device's
+    (no checkpoint, snapshot or file I/O). Trains ``model`` in place (``warmup + epochs`` steps)
+    and moves it and ``loss`` to ``device``. Used by the time estimate (:mod:`equipet.estimate`)
+    and by ``workflow/benchmarks/bench_training.py``.
+    """
+    device = torch.device(device)
+    model.to(device).train()
+    if isinstance(loss, torch.nn.Module):
+        loss.to(device)
+    net_input = net_input.detach().to(device=device, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    times = []
+    for i in range(warmup + epochs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss(model(net_input)).backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))

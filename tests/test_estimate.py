@@ -1,0 +1,96 @@
+"""The run-time estimate (equipet.estimate): its jobs are Snakemake's, its times scale with the config."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from conftest import copy_checkout
+from equipet import estimate as est
+
+DRY_RUN = """\
+rule train_brain:
+    input: resources/brain/brain.npz
+    jobid: 3
+    wildcards: experiment=denoise, model=cnn, seed=0
+    threads: 2
+    resources: tmpdir=/tmp, runtime=720, gpu=1, mem_mb=4000
+[Mon Nov 30 22:11:13 2026]
+localrule tables:
+    jobid: 0
+    resources: tmpdir=/tmp, mem_mb=1000
+Job stats:
+job            count
+-----------  -------
+train_brain        1
+tables             1
+total              2
+"""
+
+
+def test_parse_dry_run_reads_jobs_and_checks_the_job_stats():
+    jobs, stats = est.parse_dry_run(DRY_RUN)
+    assert [(j.rule, j.threads, j.gpu) for j in jobs] == [("train_brain", 2, True), ("tables", 1, False)]
+    assert jobs[0].wildcards == {"experiment": "denoise", "model": "cnn", "seed": "0"}
+    assert stats == {"train_brain": 1, "tables": 1}
+    with pytest.raises(est.EquipetError, match="job-stats"):
+        est.parse_dry_run(DRY_RUN.replace("tables             1\ntotal              2",
+                                          "tables             2\ntotal              3"))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """equipet-estimate on the quick configuration in a fresh checkout (no results yet), on the CPU."""
+    work = copy_checkout(tmp_path_factory.mktemp("estimate"))
+    out = work / "estimate.json"
+    est.main(["--configfile", "config/quick.yaml", "--device", "cpu", "--cores", "2",
+              "--workdir", str(work), "--json", str(out)])
+    return work, json.loads(out.read_text())
+
+
+def test_quick_estimate_counts_the_jobs_of_the_configuration(quick_run, quick_config):
+    work, result = quick_run
+    stages = {s["name"]: s for s in result["stages"]}
+    cfg = quick_config
+    runs_per_method = len(cfg["acquisition"]["ctrs_ps"]) * 2 * len(cfg["seeds"])   # CTRs x models x seeds
+    for method in cfg["assisted"]["methods"]:
+        assert stages[f"assisted ({method})"]["jobs"] == runs_per_method
+        assert stages[f"assisted ({method})"]["timed"] and stages[f"assisted ({method})"]["serial_s"] > 0
+    assert stages["brain experiments"]["jobs"] == 2 * 2 * len(cfg["seeds"])             # experiments x models x seeds
+    # every job of the dry run (checked there against Snakemake's job-stats table) is in one stage
+    assert sum(s["jobs"] for s in result["stages"]) == len(result["jobs"])
+    assert {j["rule"] for j in result["jobs"]} >= {"simulate_job", "sensitivity", "mlem", "central_slice"}
+
+
+def test_estimate_scales_with_the_configured_epochs(quick_run, quick_config):
+    """Doubling assisted.epochs doubles the assisted stages and nothing else; the brain stage
+    follows denoise.epochs. (Same measured costs, so the comparison is exact.)"""
+    work, result = quick_run
+    costs = est.Costs.from_dict(result["costs"])
+    jobs = [est.Job(**j) for j in result["jobs"]]
+    # the work of each stage: its serial time less every job's process start
+    work = lambda cfg: {s.name: s.serial_s - s.jobs * costs.job_start_s  # noqa: E731
+                        for s in est.estimate(jobs, cfg, costs)}
+    base = work(quick_config)
+    assert base["assisted (paper)"] > 0
+    longer = copy.deepcopy(quick_config)
+    longer["assisted"]["epochs"] *= 2
+    longer["denoise"]["epochs"] *= 3
+    doubled = work(longer)
+    for name, seconds in base.items():
+        if name.startswith("assisted"):
+            assert doubled[name] == pytest.approx(2 * seconds, rel=1e-9)
+        elif name != "brain experiments":
+            assert doubled[name] == pytest.approx(seconds, rel=1e-9)
+    denoise = sum(est.job_seconds(j, quick_config, costs) - costs.job_start_s for j in jobs
+                  if j.rule == "train_brain" and j.wildcards["experiment"] == "denoise")
+    assert doubled["brain experiments"] == pytest.approx(base["brain experiments"] + 2 * denoise, rel=1e-9)
+
+
+def test_report_ends_with_the_quick_command(quick_run, quick_config):
+    _, result = quick_run
+    costs = est.Costs.from_dict(result["costs"])
+    text = est.report([], costs, quick_config, ["config/quick.yaml"], 2)
+    assert text.splitlines()[-1].endswith(est.QUICK_COMMAND)
