@@ -220,7 +220,8 @@ def test_command_line_stages_end_to_end(tmp_path):
     scanner = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(SMALL).items()}
     cfg = validate({"scanner": scanner, "device": "cpu", "results_dir": str(tmp_path),
                     "mlem": {"fov_mm": [40.0, 40.0, 4.0], "iterations": 2, "sensitivity_lors": 5000,
-                             "sensitivity_batches": 2, "system_cache_mb": 50}})
+                             "sensitivity_batches": 2, "system_cache_mb": 50,
+                             "normalisation": {"enabled": False}}})
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps(cfg))
     rng = np.random.default_rng(0)

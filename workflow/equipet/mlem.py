@@ -3,8 +3,8 @@
 **Model.** Event ``e`` (a LOR with a TOF offset) has the expected density
 ``\\bar y_e = \\eta_e \\sum_j a_{ej} x_j``, with ``a_{ej}`` the TOF Joseph weights of
 :class:`equipet.projector.ListmodeTOFProjector` and ``\\eta_e = \\exp(-\\int_{LOR_e}\\mu)``
-the attenuation of its LOR (detector efficiencies are taken as uniform: not modelled, although
-the simulated detector has them, see below). The list-mode EM update is
+the attenuation of its LOR, times ``n_e`` its crystal-pair efficiency when ``mlem.normalisation``
+is on (:mod:`equipet.normalisation`; both written ``eta_e`` below). The list-mode EM update is
 
 .. math::
 
@@ -51,10 +51,12 @@ logged and stored in the sidecar JSON. In MLEM it multiplies the image as a fixe
 (``x ~ x_true * s_true / s``), so it adds that much voxel noise to every iteration; raise
 ``sensitivity_lors`` (cheap on a GPU) to reduce it.
 
-Approximations (documented, not hidden): every crystal pair counts with equal detection
-efficiency (no crystal-pair geometric or intrinsic normalisation), although the simulated
-detector is not uniform: penetration makes the front DOI layer detect about 65% of the photons
-and the back one 35%, and oblique pairs differ; with ``lor_endpoints=global`` the events'
+Approximations (documented, not hidden): with ``mlem.normalisation.enabled: false`` every
+crystal pair counts with equal detection efficiency, although the simulated detector is not
+uniform: penetration makes the front DOI layer detect about 65% of the photons and the back one
+35%, and oblique pairs and the axial end rings differ. With it on, the efficiency of each pair
+is the product of per-end components (DOI layer, axial ring, incidence angle) fitted to a
+simulated blank scan (:mod:`equipet.normalisation`). With ``lor_endpoints=global`` the events'
 LORs end at exact interaction points while ``s`` is still summed over crystal-centre LORs.
 
 The sidecar ``<sensitivity>.json`` holds the settings it was computed for (scanner,
@@ -147,7 +149,11 @@ def sensitivity_key(scanner: Mapping[str, Any], phantom: Mapping[str, Any], mlem
             "sensitivity_seed", "sensitivity_symmetrise")
     ph = {k: phantom[k] for k in ("diameter_mm", "length_mm", "material", "mu_water_per_mm")
           if k in phantom} if mlem["attenuation"] else {}
-    return {"scanner": dict(scanner), "phantom_mu": ph, "mlem": {k: mlem[k] for k in keep}}
+    key = {"scanner": dict(scanner), "phantom_mu": ph, "mlem": {k: mlem[k] for k in keep}}
+    norm = mlem.get("normalisation") or {}
+    if norm.get("enabled"):
+        key["normalisation"] = dict(norm)
+    return key
 
 
 def key_hash(key: Mapping[str, Any]) -> str:
@@ -191,7 +197,7 @@ def sensitivity_image(scanner: Scanner, geometry: ImageGeometry, n_lors: int,
                       mu_map: np.ndarray | None = None, mu_geometry: ImageGeometry | None = None,
                       batches: int = 4, seed: int = 0, device: torch.device | str = "cpu",
                       chunk_size: int = CPU_CHUNK_EVENTS, progress: bool = True,
-                      symmetrise: bool = True) -> tuple[np.ndarray, dict]:
+                      symmetrise: bool = True, efficiency: Any = None) -> tuple[np.ndarray, dict]:
     """Monte Carlo estimate of ``s_j = sum_LOR exp(-int mu) a_Lj`` over all crystal pairs.
 
     See the module docstring for the method. ``mu_map`` (1/mm) on ``mu_geometry`` (which
@@ -200,7 +206,10 @@ def sensitivity_image(scanner: Scanner, geometry: ImageGeometry, n_lors: int,
     (``relative_noise`` = median relative standard error over voxels above 10% of the max).
     ``symmetrise`` averages each batch over :func:`symmetry_ops` (exact symmetries of the
     expectation when the mu-map has them, as the phantom's water cylinder does), which divides
-    the noise variance by up to 16 at no cost.
+    the noise variance by up to 16 at no cost. ``efficiency`` (a
+    :class:`equipet.normalisation.Normalisation`), when given, weights each line by its
+    crystal-pair efficiency ``n_L``: ``s_j = sum_L n_L exp(-int mu) a_Lj`` (its components share
+    the symmetries above).
     """
     device = torch.device(device)
     t0 = time.perf_counter()
@@ -244,9 +253,12 @@ def sensitivity_image(scanner: Scanner, geometry: ImageGeometry, n_lors: int,
             p1t = torch.as_tensor(p1[hit], dtype=torch.float32, device=device)
             p2t = torch.as_tensor(p2[hit], dtype=torch.float32, device=device)
             weight = torch.ones(p1t.shape[0], dtype=torch.float32, device=device)
+            if efficiency is not None:
+                weight = torch.as_tensor(efficiency.pair_efficiency(scanner, i[hit], j[hit], p1[hit], p2[hit]),
+                                         dtype=torch.float32, device=device)
             if mu_t is not None:
                 att = ListmodeTOFProjector(mu_geometry, p1t, p2t, chunk_size=chunk_size)
-                weight = torch.exp(-att.apply(mu_t))
+                weight = weight * torch.exp(-att.apply(mu_t))
             proj = ListmodeTOFProjector(geometry, p1t, p2t, chunk_size=chunk_size)
             acc += proj.adjoint(weight)
             if bar is not None:
@@ -496,12 +508,24 @@ def sensitivity_main(argv: Sequence[str] | None = None) -> None:
     def _main(argv: Sequence[str] | None) -> None:
         p = argparse.ArgumentParser(prog="equipet-sensitivity", description=sensitivity_main.__doc__)
         p.add_argument("--out", type=Path, required=True, help="sensitivity image, .nii.gz")
+        p.add_argument("--normalisation", type=Path, default=None,
+                       help="from equipet-normalisation; required when mlem.normalisation.enabled")
         args, cfg, scanner, mlem, phantom, device = _stage_setup(p, argv)
         geom = image_geometry(mlem)
+        efficiency = None
+        if (mlem.get("normalisation") or {}).get("enabled"):
+            from equipet.normalisation import blank_radius_mm, load_normalisation, normalisation_key
+
+            if args.normalisation is None:
+                raise ConfigError("mlem.normalisation.enabled needs the blank-scan normalisation",
+                                  where="--normalisation", fix="run equipet-normalisation and pass its JSON")
+            efficiency = load_normalisation(args.normalisation,
+                                            normalisation_key(cfg["scanner"], mlem, blank_radius_mm(mlem)))
         mu, mu_geom = (phantom_mu_map(phantom, mlem["voxel_size_mm"]) if mlem["attenuation"] else (None, None))
         sens, info = sensitivity_image(scanner, geom, mlem["sensitivity_lors"], mu, mu_geom,
                                        mlem["sensitivity_batches"], mlem["sensitivity_seed"], device,
-                                       chunk_events(mlem, device), symmetrise=mlem["sensitivity_symmetrise"])
+                                       chunk_events(mlem, device), symmetrise=mlem["sensitivity_symmetrise"],
+                                       efficiency=efficiency)
         key = sensitivity_key(cfg["scanner"], phantom, mlem)
         save_nifti(sens, geom, args.out)
         with atomic_path(_sidecar(args.out)) as tmp:
