@@ -104,9 +104,11 @@ def test_normalisation_and_sensitivity_command_line(tmp_path):
     data = json.loads(norm.read_text())
     assert len(data["h"]) == n_classes(SMALL, 6) and data["blank_coincidences"] > 1000
     assert data["layer_fractions"][0] > data["layer_fractions"][1]     # penetration: front layer detects more
+    assert 1.0 < data["doi_tof_sigma_mm"] < 10.0                        # DOI timing spread of 10 mm layers
     sens = tmp_path / "sensitivity.nii.gz"
     sensitivity_main(["--settings", f"@{settings}", "--out", str(sens), "--normalisation", str(norm)])
-    assert "normalisation" in json.loads((tmp_path / "sensitivity.json").read_text())["key"]
+    side = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert "normalisation" in side["key"] and side["doi_tof_sigma_mm"] == data["doi_tof_sigma_mm"]
     with pytest.raises(SystemExit) as exc:     # normalisation required when enabled
         sensitivity_main(["--settings", f"@{settings}", "--out", str(sens)])
     assert exc.value.code == 2

@@ -38,6 +38,11 @@ The sensitivity image then sums ``eta_L n_L a_Lj`` (:func:`equipet.mlem.sensitiv
 with ``efficiency=``); in the event loop a per-event factor cancels (module doc of
 :mod:`equipet.mlem`), so normalisation enters only through the sensitivity, like attenuation.
 
+The blank scan is simulated with perfect timing (CTR 0): the TOF offsets of its coincidences
+then differ from those expected from their source points (LOR between crystal centres) only by
+the depth of interaction and inter-crystal scatter. Their standard deviation,
+``doi_tof_sigma_mm``, widens the TOF kernel (:func:`equipet.mlem.tof_kernel_fwhm_mm`).
+
 Not modelled: dependences beyond layer and incidence angle (e.g. the transaxial position of a
 crystal in its module, the axial end crystals); the tests check the model's predictions per
 ring difference and per layer pair on an independent blank scan.
@@ -114,9 +119,12 @@ class BlankScan:
     seed: int = 0
 
     def simulate(self, scanner: Scanner, acq_cfg: Mapping[str, Any] | None = None,
-                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 progress: bool = False, with_doi_residual: bool = False):
         """Run the embedded simulator on the uniform cylinder in air; element indices ``(i, j)``
-        of the detected coincidences (energy window of the scanner)."""
+        of the detected coincidences (energy window of the scanner). The scan has perfect timing
+        (CTR 0), so with ``with_doi_residual`` it also returns each coincidence's TOF offset minus
+        the one expected from its source point with the LOR between the crystal centres: the
+        depth-of-interaction part of the TOF error (:func:`doi_tof_sigma_mm`)."""
         from equipet.montecarlo import AcquisitionSettings, Simulator
         from equipet.phantom import hot_rod_phantom
 
@@ -130,9 +138,24 @@ class BlankScan:
 
         sim = Simulator(scanner, hot_rod_phantom({"material": "Air"}), acq, source=source,
                         source_activity_bq=float(self.decays))
-        data = sim.run_job(0, 1000.0, None, progress=progress)["data"]
+        data = sim.run_job(0, 0.0, None, progress=progress)["data"]
         ids = [[data[f"{n}{k}"] for n in ("rsectorID", "moduleID", "crystalID", "layerID")] for k in (1, 2)]
-        return scanner.flat_index(*ids[0]), scanner.flat_index(*ids[1])
+        i, j = scanner.flat_index(*ids[0]), scanner.flat_index(*ids[1])
+        if not with_doi_residual:
+            return i, j
+        from equipet.listmode import lor_endpoints_mm, tof_sign_residual_mm
+
+        p1, p2 = lor_endpoints_mm(data, scanner, "crystal")
+        return i, j, tof_sign_residual_mm(data, p1, p2)
+
+
+def doi_tof_sigma_mm(residual_mm: np.ndarray) -> float:
+    """Standard deviation (mm) of the TOF offset's depth-of-interaction error, from the residuals
+    of a perfect-timing scan (:meth:`BlankScan.simulate`), within 5 robust sigmas of the median."""
+    r = np.asarray(residual_mm, dtype=np.float64)
+    med = np.median(r)
+    robust = 1.4826 * np.median(np.abs(r - med))
+    return float(r[np.abs(r - med) < 5 * robust].std())
 
 
 def class_pair_counts(scanner: Scanner, i: np.ndarray, j: np.ndarray, angle_bins: int) -> np.ndarray:
@@ -195,6 +218,7 @@ class Normalisation:
 
     h: np.ndarray
     angle_bins: int
+    doi_tof_sigma_mm: float | None = None
 
     def pair_efficiency(self, scanner: Scanner, i: np.ndarray, j: np.ndarray,
                         p_i: np.ndarray, p_j: np.ndarray) -> np.ndarray:
@@ -204,11 +228,12 @@ class Normalisation:
                 * h[end_class(scanner, j, p_j, p_i, self.angle_bins)])
 
     def to_json(self) -> dict:
-        return {"h": np.asarray(self.h).reshape(-1).tolist(), "angle_bins": self.angle_bins}
+        return {"h": np.asarray(self.h).reshape(-1).tolist(), "angle_bins": self.angle_bins,
+                "doi_tof_sigma_mm": self.doi_tof_sigma_mm}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Normalisation":
-        return cls(np.asarray(d["h"], dtype=np.float64), int(d["angle_bins"]))
+        return cls(np.asarray(d["h"], dtype=np.float64), int(d["angle_bins"]), d.get("doi_tof_sigma_mm"))
 
 
 def blank_scan_normalisation(scanner: Scanner, radius_mm: float, decays: int, angle_bins: int,
@@ -216,7 +241,7 @@ def blank_scan_normalisation(scanner: Scanner, radius_mm: float, decays: int, an
                              progress: bool = False) -> tuple[Normalisation, dict]:
     """Simulate the blank scan and fit :class:`Normalisation`; also return diagnostics."""
     t0 = time.perf_counter()
-    i, j = BlankScan(radius_mm, decays, seed).simulate(scanner, acq_cfg, progress)
+    i, j, resid = BlankScan(radius_mm, decays, seed).simulate(scanner, acq_cfg, progress, with_doi_residual=True)
     M = class_pair_counts(scanner, i, j, angle_bins)
     E = class_pair_chords(scanner, radius_mm, angle_bins, chord_pairs, seed + 1)
     h = fit_components(M, E)
@@ -225,7 +250,9 @@ def blank_scan_normalisation(scanner: Scanner, radius_mm: float, decays: int, an
             .astype(float).__truediv__(max(layers.size, 1)).tolist(), "seconds": time.perf_counter() - t0}
     log.info("normalisation: %d blank coincidences, h = %s (%.1f s)", i.size, np.round(h, 3).tolist(),
              info["seconds"])
-    return Normalisation(h, angle_bins), info
+    sigma = doi_tof_sigma_mm(resid)
+    info["doi_tof_sigma_mm"] = sigma
+    return Normalisation(h, angle_bins, sigma), info
 
 
 def normalisation_key(scanner: Mapping[str, Any], mlem: Mapping[str, Any], radius_mm: float) -> dict:
