@@ -57,7 +57,7 @@ import torch
 from equipet import cli
 from equipet.errors import ConfigError, InputDataError
 from equipet.files import atomic_path
-from equipet.projector import ImageGeometry, ListmodeTOFProjector, SparseSystemMatrix, tof_fwhm_mm
+from equipet.projector import ImageGeometry, ListmodeTOFProjector, SparseSystemMatrix
 
 log = logging.getLogger("equipet.central_slice")
 
@@ -182,7 +182,7 @@ def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path
                   ctr_ps: float) -> dict[str, np.ndarray]:
     """Everything the assisted training of one CTR needs (module doc), as a dict of arrays."""
     from equipet.listmode import read_listmode
-    from equipet.mlem import chunk_events, image_geometry
+    from equipet.mlem import chunk_events, image_geometry, sensitivity_doi_sigma_mm, tof_kernel_fwhm_mm
     from equipet.phantom import hot_rod_phantom
     from equipet.scanner import Scanner
 
@@ -210,7 +210,8 @@ def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path
     ev = read_listmode(coincidences, scanner, mlem["events"], mlem["lor_endpoints"], window, mlem["read_step_size"])
     n_total = len(ev)
     ev = ev.subset(lors_crossing(ev.p1_mm, ev.p2_mm, g2))
-    fwhm = tof_fwhm_mm(ctr_ps) if mlem["tof"] else None
+    doi_sigma = sensitivity_doi_sigma_mm(sensitivity_path)
+    fwhm = tof_kernel_fwhm_mm(ctr_ps, scanner, mlem, doi_sigma) if mlem["tof"] else None
     tof = ev.tof_mm if mlem["tof"] else None
     chunk = chunk_events(mlem, torch.device("cpu"))
     # events whose single-slice projection of a uniform image vanishes do not depend on the slice

@@ -6,8 +6,34 @@
 #   recon_metrics: per CTR, CRC per rod size and background COV per iteration (tidy CSV)
 
 
+#   normalisation: crystal-pair efficiency components from a simulated blank scan (one per
+#                scanner + image grid + mlem.normalisation; skipped when disabled)
+
+NORMALISATION_ON = bool(config["mlem"]["normalisation"]["enabled"])
+
+
+rule normalisation:
+    output:
+        f"{RECON}/normalisation.json",
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/recon/normalisation.log",
+    benchmark:
+        f"{BENCH}/recon/normalisation.tsv"
+    params:
+        settings=settings("scanner", "acquisition", "mlem"),
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    shell:
+        "equipet-normalisation --settings {params.settings:q} --out {output} --threads {threads} --log {log}"
+
 
 rule sensitivity:
+    input:
+        normalisation=[f"{RECON}/normalisation.json"] if NORMALISATION_ON else [],
     output:
         nii=f"{RECON}/sensitivity.nii.gz",
         meta=f"{RECON}/sensitivity.json",
@@ -26,7 +52,8 @@ rule sensitivity:
         gpu=1,
     shell:
         "equipet-sensitivity --settings {params.settings:q} --out {output.nii} --threads {threads} "
-        "--log {log}"
+        + ("--normalisation {input.normalisation} " if NORMALISATION_ON else "")
+        + "--log {log}"
 
 
 rule mlem:
