@@ -321,7 +321,8 @@ def test_symmetrised_sensitivity_is_closer_to_the_exact_sum():
 
 
 def test_command_line_stages_end_to_end(tmp_path):
-    """equipet-sensitivity -> equipet-mlem -> equipet-recon-metrics on a small synthetic ROOT file."""
+    """equipet-sensitivity -> equipet-mlem -> equipet-recon-metrics -> equipet-psf ->
+    equipet-crc-ceiling on a small synthetic ROOT file."""
     import dataclasses
 
     import nibabel as nib
@@ -330,13 +331,15 @@ def test_command_line_stages_end_to_end(tmp_path):
     from equipet.config import validate
     from equipet.gate_root import CoincidenceWriter
     from equipet.mlem import mlem_main, sensitivity_main
+    from equipet.psf import ceiling_main, psf_main
     from equipet.recon_metrics import main as metrics_main
 
     scanner = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(SMALL).items()}
     cfg = validate({"scanner": scanner, "device": "cpu", "results_dir": str(tmp_path),
-                    "mlem": {"fov_mm": [40.0, 40.0, 4.0], "iterations": 2, "sensitivity_lors": 5000,
+                    "mlem": {"fov_mm": [88.0, 88.0, 4.0], "iterations": 2, "sensitivity_lors": 5000,
                              "sensitivity_batches": 2, "system_cache_mb": 50,
-                             "normalisation": {"enabled": False}}})
+                             "normalisation": {"enabled": False}, "psf": {"decays": 100_000},
+                             "metrics": {"reference_fwhm_mm": [2.0]}}})
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps(cfg))
     rng = np.random.default_rng(0)
@@ -354,14 +357,25 @@ def test_command_line_stages_end_to_end(tmp_path):
     images = sorted(out.glob("mlem_it*.nii.gz"))
     assert [p.name for p in images] == ["mlem_it1.nii.gz", "mlem_it2.nii.gz"]
     img = nib.load(str(images[-1]))
-    assert img.shape == (50, 50, 5) and np.isfinite(img.get_fdata()).all() and img.get_fdata().max() > 0
+    assert img.shape == (110, 110, 5) and np.isfinite(img.get_fdata()).all() and img.get_fdata().max() > 0
     timing = json.loads((out / "timing.json").read_text())
     assert len(timing["iterations_s"]) == 2 and timing["events"] > 1000
     csv = out / "metrics.csv"
     metrics_main(["--settings", f"@{settings}", "--images", *map(str, images), "--ctr-ps", "100", "--out", str(csv)])
     df = pd.read_csv(csv)
-    assert set(df.columns) == {"experiment", "model", "seed", "epoch", "metric", "value", "ctr_ps"}
+    assert set(df.columns) == {"experiment", "model", "seed", "epoch", "metric", "value", "ctr_ps", "reference_fwhm_mm"}
     assert set(df.epoch) == {1, 2} and "background_cov" in set(df.metric)
+    assert set(df.loc[df.metric.str.startswith("crc_blurred"), "reference_fwhm_mm"]) == {2.0}
+    psf = out / "psf.json"
+    psf_main(["--settings", f"@{settings}", "--sensitivity", str(sens), "--ctr-ps", "100", "--out", str(psf)])
+    fits = json.loads(psf.read_text())["positions"]
+    assert set(fits) == {"centre", "rods_radius"} and all(np.isfinite(f["fwhm_mm"][:2]).all() for f in fits.values())
+    table = tmp_path / "tables" / "crc_ceiling.csv"
+    ceiling_main(["--settings", f"@{settings}", "--psf", str(psf), "--metrics", str(csv), "--out", str(table)])
+    ceil = pd.read_csv(table)
+    assert set(ceil.psf_position) == {"centre", "rods_radius"} and len(ceil) == 12
+    last = df[(df.epoch == 2) & (df.metric == "crc_6.5mm")].value.iloc[0]
+    assert np.allclose(ceil.loc[ceil.rod_mm == 6.5, "crc_mlem"], last)
     # a changed setting makes the cached sensitivity stale: refused with a clear error
     cfg["mlem"]["sensitivity_seed"] += 1
     settings.write_text(json.dumps(cfg))

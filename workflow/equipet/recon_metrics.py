@@ -20,6 +20,25 @@ With ``R = 1 / background_ratio`` the true rod-to-background ratio,
 where ``\\bar x_{rod,d}`` is the mean over the union of all rods of diameter ``d``. Both
 are independent of the image scale.
 
+**Partial volume versus convergence.** Even a perfect reconstruction at a finite resolution
+does not reach ``CRC = 1``: the rods' activity spills into the background and vice versa
+(partial volume). With ``t_w = t * G_w`` the voxelised truth ``t``
+(:meth:`equipet.phantom.HotRodPhantom.voxelise`, each voxel the volume average) blurred by a
+3-D Gaussian ``G_w`` of FWHM ``w`` (mm; ``sigma = w / (2 sqrt(2 ln 2))``),
+
+.. math::
+
+    \\mathrm{CRC}^{ceil}_{d,w} = \\frac{\\bar t_{w,rod,d} / \\bar t_{w,bkg} - 1}{R - 1}, \\qquad
+    \\mathrm{CRC}^{blur}_{d,w} = \\frac{\\bar x_{rod,d} / \\bar x_{bkg} - 1}
+                                       {\\bar t_{w,rod,d} / \\bar t_{w,bkg} - 1}
+                             = \\frac{\\mathrm{CRC}_d}{\\mathrm{CRC}^{ceil}_{d,w}},
+
+in the same ROIs: ``CRC^ceil`` is the most a system of resolution ``w`` can recover (partial
+volume alone), ``CRC^blur`` how much of it the image has reached (1 = converged to the
+resolution ``w``; above 1 = sharper than ``w``, or overshoot). The tidy rows
+(:func:`metrics_rows`) carry them as ``crc_ceiling_<d>mm`` and ``crc_blurred_<d>mm`` with the
+FWHM in the ``reference_fwhm_mm`` column, one set per ``mlem.metrics.reference_fwhm_mm``.
+
 >>> import numpy as np
 >>> img = np.ones((4, 4, 1)); rod = np.zeros_like(img, bool); rod[0, 0] = True; img[rod] = 10
 >>> bkg = ~rod
@@ -85,6 +104,56 @@ def contrast_metrics(image: np.ndarray, rod_masks: Mapping[float, np.ndarray], b
     return {"crc": crc, "background_mean": mean_b, "background_cov": cov}
 
 
+def fwhm_to_sigma_voxels(fwhm_mm: float | Sequence[float], voxel_size_mm: Sequence[float]) -> tuple[float, ...]:
+    """Gaussian standard deviation in voxels per axis, ``FWHM / (2 sqrt(2 ln 2)) / voxel``.
+
+    ``fwhm_mm`` is one number (isotropic) or ``(x, y, z)``; all must be >= 0.
+    """
+    f = np.broadcast_to(np.asarray(fwhm_mm, dtype=np.float64), (3,))
+    if (f < 0).any() or not np.isfinite(f).all():
+        raise ValueError(f"FWHM must be finite and >= 0, got {fwhm_mm}")
+    return tuple(float(v) for v in f / (2.0 * np.sqrt(2.0 * np.log(2.0))) / np.asarray(voxel_size_mm, float))
+
+
+def blur_gaussian(image: np.ndarray, fwhm_mm: float | Sequence[float], voxel_size_mm: Sequence[float]) -> np.ndarray:
+    """``image`` convolved with a 3-D Gaussian of FWHM ``fwhm_mm`` (mm, scalar or per axis).
+
+    Zero activity outside the grid (``mode="constant"``): the grid must hold the whole
+    object plus a few sigmas, as the MLEM grid does for the phantom's active disk.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    sigma = fwhm_to_sigma_voxels(fwhm_mm, voxel_size_mm)
+    return gaussian_filter(np.asarray(image, dtype=np.float64), sigma, mode="constant", cval=0.0, truncate=4.0)
+
+
+def phantom_truth(phantom_cfg: Mapping[str, Any], geometry: ImageGeometry) -> np.ndarray:
+    """The phantom's activity (Bq/mL, voxel volume averages) on the centred grid ``geometry``."""
+    from equipet.phantom import hot_rod_phantom
+
+    v = geometry.voxel_size_mm
+    if len(set(v)) != 1:
+        raise ValueError(f"the truth is voxelised on cubic voxels only, got {v}")
+    return hot_rod_phantom(phantom_cfg).voxelise(v[0], shape=geometry.shape).activity_bq_per_ml.astype(np.float64)
+
+
+def reference_ratios(truth: np.ndarray, rod_masks: Mapping[float, np.ndarray], background: np.ndarray,
+                     fwhm_mm: float | Sequence[float], voxel_size_mm: Sequence[float]) -> dict[float, float]:
+    """``tbar_{w,rod,d} / tbar_{w,bkg}`` of the truth blurred with FWHM ``fwhm_mm`` (module doc)."""
+    t = blur_gaussian(truth, fwhm_mm, voxel_size_mm)
+    b = float(t[background].mean())
+    return {d: float(t[m].mean() / b) if m.any() else float("nan") for d, m in rod_masks.items()}
+
+
+def blurred_crc(image: np.ndarray, rod_masks: Mapping[float, np.ndarray], background: np.ndarray,
+                ref_ratio: Mapping[float, float], true_ratio: float) -> dict[str, dict[float, float]]:
+    """``crc_ceiling`` and ``crc_blurred`` per rod diameter against the blurred truth's ratios (module doc)."""
+    crc = contrast_metrics(image, rod_masks, background, true_ratio)["crc"]
+    ceiling = {d: (ref_ratio[d] - 1.0) / (true_ratio - 1.0) for d in rod_masks}
+    blurred = {d: (crc[d] / ceiling[d] if ceiling[d] != 0 else float("nan")) for d in rod_masks}
+    return {"crc_ceiling": ceiling, "crc_blurred": blurred}
+
+
 def phantom_rois(phantom_cfg: Mapping[str, Any], geometry: ImageGeometry,
                  metrics_cfg: Mapping[str, Any]) -> tuple[dict[float, np.ndarray], np.ndarray, float]:
     """ROIs and the true rod/background ratio from the ``phantom`` config section."""
@@ -99,13 +168,24 @@ def phantom_rois(phantom_cfg: Mapping[str, Any], geometry: ImageGeometry,
 
 
 def metrics_rows(image: np.ndarray, rods: Mapping[float, np.ndarray], bkg: np.ndarray, ratio: float,
-                 iteration: int, ctr_ps: float, seed: int = 0) -> list[dict[str, Any]]:
-    """Tidy rows ``experiment, model, seed, epoch, metric, value, ctr_ps`` for one image."""
+                 iteration: int, ctr_ps: float, seed: int = 0,
+                 references: Mapping[float, Mapping[float, float]] | None = None) -> list[dict[str, Any]]:
+    """Tidy rows ``experiment, model, seed, epoch, metric, value, ctr_ps`` for one image.
+
+    ``references`` maps a reference FWHM (mm) to :func:`reference_ratios` of the truth blurred
+    with it; each adds ``crc_ceiling_<d>mm`` and ``crc_blurred_<d>mm`` rows with that FWHM in
+    ``reference_fwhm_mm`` (module doc).
+    """
     m = contrast_metrics(image, rods, bkg, ratio)
     base = {"experiment": "mlem", "model": "mlem", "seed": seed, "epoch": iteration, "ctr_ps": ctr_ps}
     rows = [{**base, "metric": f"crc_{d:g}mm", "value": v} for d, v in sorted(m["crc"].items(), reverse=True)]
     rows.append({**base, "metric": "background_cov", "value": m["background_cov"]})
     rows.append({**base, "metric": "background_mean", "value": m["background_mean"]})
+    for fwhm, ref in (references or {}).items():
+        b = blurred_crc(image, rods, bkg, ref, ratio)
+        for name in ("crc_ceiling", "crc_blurred"):
+            rows += [{**base, "metric": f"{name}_{d:g}mm", "value": v, "reference_fwhm_mm": float(fwhm)}
+                     for d, v in sorted(b[name].items(), reverse=True)]
     return rows
 
 
@@ -131,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = settings_from_args(args)
         geom = image_geometry(cfg["mlem"])
         rods, bkg, ratio = phantom_rois(cfg.get("phantom", {}), geom, cfg["mlem"]["metrics"])
+        fwhms = [float(w) for w in cfg["mlem"]["metrics"].get("reference_fwhm_mm") or []]
+        truth = phantom_truth(cfg.get("phantom", {}), geom) if fwhms else None
+        references = {w: reference_ratios(truth, rods, bkg, w, geom.voxel_size_mm) for w in fwhms}
         rows = []
         for path in args.images:
             match = re.search(r"_it(\d+)\.nii", path.name)
@@ -145,11 +228,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"image shape {img.shape} is not the mlem grid {tuple(geom.shape)} (mlem.fov_mm / mlem.voxel_size_mm)",
                     where=str(path),
                     fix="pass images reconstructed with the same mlem settings, or rerun the mlem rule")
-            rows += metrics_rows(img, rods, bkg, ratio, it, args.ctr_ps, seed=cfg.get("acquisition", {}).get("seed", 0))
-        df = pd.DataFrame(rows).sort_values(["epoch", "metric"])
+            rows += metrics_rows(img, rods, bkg, ratio, it, args.ctr_ps, seed=cfg.get("acquisition", {}).get("seed", 0),
+                                 references=references)
+        df = pd.DataFrame(rows).sort_values(["epoch", "metric"] + (["reference_fwhm_mm"] if fwhms else []))
         with atomic_path(args.out) as tmp:
             df.to_csv(tmp, index=False)
         last = df[df.epoch == df.epoch.max()]
-        log.info("metrics at iteration %d:\n%s", int(df.epoch.max()), last[["metric", "value"]].to_string(index=False))
+        cols = ["metric", "value"] + (["reference_fwhm_mm"] if fwhms else [])
+        log.info("metrics at iteration %d:\n%s", int(df.epoch.max()), last[cols].to_string(index=False))
 
     run(_main, argv)

@@ -4,6 +4,9 @@
 #                sidecar records the settings hash, equipet-mlem refuses a stale one)
 #   mlem:        per CTR, one NIfTI per iteration 1..mlem.iterations (the early ones feed training)
 #   recon_metrics: per CTR, CRC per rod size and background COV per iteration (tidy CSV)
+#   psf:         per CTR, point sources at the centre and the rods' radius simulated and
+#                reconstructed like the acquisition; fitted FWHM (x, y, z) in JSON
+#   crc_ceiling: CRC of the truth blurred with each PSF, per rod size and CTR, next to MLEM's
 
 
 #   normalisation: crystal-pair efficiency components from a simulated blank scan (one per
@@ -101,3 +104,47 @@ rule recon_metrics:
     shell:
         "equipet-recon-metrics --settings {params.settings:q} --images {input.images} "
         "--ctr-ps {wildcards.ctr} --out {output.csv} --log {log}"
+
+
+rule psf:
+    input:
+        sensitivity=rules.sensitivity.output.nii,
+    output:
+        f"{RECON}/ctr{{ctr}}/psf.json",
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/recon/psf_ctr{{ctr}}.log",
+    benchmark:
+        f"{BENCH}/recon/psf_ctr{{ctr}}.tsv"
+    params:
+        settings=settings("scanner", "phantom", "mlem", "acquisition"),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    shell:
+        "equipet-psf --settings {params.settings:q} --sensitivity {input.sensitivity} "
+        "--ctr-ps {wildcards.ctr} --out {output} --threads {threads} --log {log}"
+
+
+rule crc_ceiling:
+    input:
+        psf=expand(f"{RECON}/ctr{{ctr}}/psf.json", ctr=RECON_CTRS),
+        metrics=expand(f"{RECON}/ctr{{ctr}}/metrics.csv", ctr=RECON_CTRS),
+    output:
+        f"{RESULTS}/tables/crc_ceiling.csv",
+    conda:
+        CONDA_ENV
+    log:
+        f"{LOGS}/recon/crc_ceiling.log",
+    params:
+        settings=settings("phantom", "mlem"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "equipet-crc-ceiling --settings {params.settings:q} --psf {input.psf} --metrics {input.metrics} "
+        "--out {output} --log {log}"
