@@ -29,7 +29,8 @@ def _cfg(tmp: Path, **mlem) -> dict:
     scanner = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(SMALL).items()}
     return validate({"scanner": scanner, "device": "cpu", "results_dir": str(tmp),
                      "mlem": {"fov_mm": [40.0, 40.0, 4.0], "iterations": 2, "sensitivity_lors": 5000,
-                              "sensitivity_batches": 2, "system_cache_mb": 50, **mlem}})
+                              "sensitivity_batches": 2, "system_cache_mb": 50,
+                              "normalisation": {"enabled": False}, **mlem}})
 
 
 def _write_settings(path: Path, cfg: dict) -> Path:

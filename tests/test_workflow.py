@@ -110,7 +110,7 @@ def test_quick_run_end_to_end(workdir):
         timed = claims[claims.claim_id.str.contains("time")]
         assert len(timed) and (timed.verdict == "not comparable").all(), timed
     for fig in ("denoise", "radon_recon", "group_action", "generalisation", "fig1_phantom",
-                "assisted_crc", "assisted_ctr100"):
+                "assisted_crc_paper", "assisted_crc_poisson", "assisted_ctr100_paper", "assisted_ctr100_poisson"):
         assert (results / "figures" / f"{fig}.png").stat().st_size > 10_000, fig
     # every rule logged
     assert any((results / "logs").rglob("*.log"))

@@ -98,7 +98,7 @@ def image_geometry(mlem: Mapping[str, Any]) -> ImageGeometry:
 
 def tof_kernel_fwhm_mm(ctr_ps: float, scanner: Scanner, mlem: Mapping[str, Any],
                        doi_sigma_mm: float | None = None) -> float:
-    """FWHM (mm) of the TOF kernel along the LOR: the CTR's, widened by the depth of interaction.
+    r"""FWHM (mm) of the TOF kernel along the LOR: the CTR's, widened by the depth of interaction.
 
     With ``lor_endpoints: crystal`` an LOR ends at the centre of its DOI layer while the time
     runs to the first interaction, at some depth (and, after inter-crystal scatter, maybe in

@@ -142,7 +142,17 @@ start() {
     stop 2>/dev/null || true
     [ -e /etc/slurm/slurm.conf ] && die "/etc/slurm/slurm.conf exists: SLURM is set up on this machine; use that cluster (set SLURM_CONF only for a test cluster)"
     if [ -e "$RUNCONF" ] || [ -L "$RUNCONF" ]; then
-        [ "$(readlink "$RUNCONF")" = "$CONF" ] || die "$RUNCONF exists and is not ours: another (configless) SLURM runs on this machine"
+        local other
+        other="$(readlink "$RUNCONF" || true)"
+        if [ "$other" != "$CONF" ]; then
+            # a link left by an earlier test cluster whose controller is gone is stale: take it over
+            if [ -n "$other" ] && { [ ! -e "$other" ] || ! pid_alive "$(dirname "$other")/run/slurmctld.pid"; }; then
+                say "replacing the stale link $RUNCONF -> $other (its cluster is not running)"
+                rm -f "$RUNCONF"
+            else
+                die "$RUNCONF exists and is not ours: another (configless) SLURM runs on this machine"
+            fi
+        fi
     fi
     write_conf
     mkdir -p "$(dirname "$RUNCONF")"
