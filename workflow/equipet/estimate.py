@@ -536,7 +536,8 @@ def report(stages: Sequence[Stage], costs: Costs, cfg: Mapping[str, Any], config
            cores: int) -> str:
     """The printed estimate (module doc)."""
     on_gpu = costs.device.startswith("cuda")
-    lines = [f"equipet: time estimate for {' + '.join([DEFAULT_CONFIG, *configfiles])} on this machine "
+    sources = list(dict.fromkeys([DEFAULT_CONFIG, *configfiles]))   # the default config is read once
+    lines = [f"equipet: time estimate for {' + '.join(sources)} on this machine "
              f"({costs.device}, {cores} CPU cores, {costs.torch_threads} torch threads; "
              f"calibrated in {costs.calibration_s:.0f} s: "
              + ", ".join(f"{k} {v:.1f} s" for k, v in costs.calibration_parts_s.items()) + ")"]
