@@ -157,7 +157,7 @@ def _pinned(env: dict, workdir: Path) -> dict:
     return dict(env, PYTHONPATH=os.pathsep.join(path))
 
 
-def _run(workdir: Path, args: list[str], env: dict, log: Path, timeout: int = 900):
+def _run(workdir: Path, args: list[str], env: dict, log: Path, timeout: int = 1800):
     env = _pinned(env, workdir)
     start = time.perf_counter()
     with open(log, "w") as out:
