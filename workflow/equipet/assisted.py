@@ -70,11 +70,11 @@ import pandas as pd
 import torch
 
 from equipet import cli
-from equipet.errors import ConfigError
+from equipet.errors import ConfigError, InputDataError
 from equipet.files import atomic_path
 from equipet.central_slice import slice_projector
 from equipet.projector import ImageGeometry, ListmodeTOFProjector, SparseSystemMatrix
-from equipet.training import MSELoss, TrainSettings, seed_everything, train
+from equipet.training import MSELoss, TrainSettings, predict, seed_everything, train
 
 log = logging.getLogger("equipet.assisted")
 
@@ -331,8 +331,6 @@ def input_scale(early: np.ndarray) -> float:
 
 def load_system(path: Path, device: torch.device) -> SparseSystemMatrix:
     """The stored slice matrix (``system.pt`` of :mod:`equipet.central_slice`) on ``device``."""
-    from equipet.errors import InputDataError
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return SparseSystemMatrix.from_state_dict(state).to(device)
@@ -377,7 +375,6 @@ def build_loss(cfg: Mapping[str, Any], data: Mapping[str, np.ndarray], scale: fl
         if system is None:
             raise ValueError("method poisson needs the stored slice matrix (system.pt)")
         if system.n_events != len(background):
-            from equipet.errors import InputDataError
             raise InputDataError(f"system.pt has {system.n_events} events, slice.npz {len(background)}",
                                  where="system.pt", fix="rerun the central_slice rule for this CTR")
         parts = system.subsets(subset_count(system.n_events, sec["subset_events"]))
@@ -449,8 +446,6 @@ def run_assisted(cfg: Mapping[str, Any], slice_path: Path, method: str, model_na
         rows += scorer.tidy(scorer.score(img), **base, epoch=epoch, split="train")
     summary = loss_summary(result.losses, result.wall_time_s, sec["plateau"])
     if method in LIKELIHOOD_METHODS:
-        from equipet.training import predict
-
         final = predict(result.model, net_input.to(device))
         summary["full_nll"] = full_nll(loss, final)
     last_epoch = len(result.losses)
