@@ -30,7 +30,8 @@ def _cfg(tmp: Path, **mlem) -> dict:
     return validate({"scanner": scanner, "device": "cpu", "results_dir": str(tmp),
                      "mlem": {"fov_mm": [40.0, 40.0, 4.0], "iterations": 2, "sensitivity_lors": 5000,
                               "sensitivity_batches": 2, "system_cache_mb": 50,
-                              "normalisation": {"enabled": False}, **mlem}})
+                              "normalisation": {"enabled": False}, "events": "trues", "corrections": [],
+                              **mlem}})
 
 
 def _write_settings(path: Path, cfg: dict) -> Path:

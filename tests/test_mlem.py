@@ -337,6 +337,7 @@ def test_command_line_stages_end_to_end(tmp_path):
     scanner = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(SMALL).items()}
     cfg = validate({"scanner": scanner, "device": "cpu", "results_dir": str(tmp_path),
                     "mlem": {"fov_mm": [88.0, 88.0, 4.0], "iterations": 2, "sensitivity_lors": 5000,
+                             "events": "trues", "corrections": [],   # synthetic trues, no singles
                              "sensitivity_batches": 2, "system_cache_mb": 50,
                              "normalisation": {"enabled": False}, "psf": {"decays": 100_000},
                              "metrics": {"reference_fwhm_mm": [2.0]}}})

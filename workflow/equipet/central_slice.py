@@ -20,8 +20,11 @@ and its evaluation need for one CTR into one ``slice.npz``:
   ``event_fraction`` scales the sensitivity term of the likelihood; stored in random order
   (``assisted.event_seed``), so that consecutive blocks are random subsets;
 * ``background``: for each kept event the contribution of the activity *outside* the slab,
-  ``b_e = [A_3D x_MLEM^{last}]_e`` with the slab zeroed (``assisted.out_of_slice``), so that
-  the slice's expected event density is ``(A_slice x)_e + b_e``;
+  ``[A_3D x_MLEM^{last}]_e`` with the slab zeroed (``assisted.out_of_slice``;
+  ``background_out_of_slab``), plus, with ``mlem.corrections``, the randoms and scatter term
+  ``(r_e + s_e) / eta_e`` that MLEM used for the event (its ``additive.npz``;
+  ``background_additive``), so that the slice's expected event density is
+  ``(A_slice x)_e + b_e``, the same model as the 3-D MLEM's;
 * ``sensitivity``: the slab's sum of the 3-D sensitivity image (for ``n = 1`` exactly the
   sensitivity of the single-slice model);
 * with ``l2`` among ``assisted.methods``: Monte Carlo LORs ``mc_p1, mc_p2, mc_tof`` (uniform crystal
@@ -179,10 +182,16 @@ def _load_nifti(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path, coincidences: Path,
-                  ctr_ps: float) -> dict[str, np.ndarray]:
-    """Everything the assisted training of one CTR needs (module doc), as a dict of arrays."""
+                  ctr_ps: float, additive_path: Path | None = None) -> dict[str, np.ndarray]:
+    """Everything the assisted training of one CTR needs (module doc), as a dict of arrays.
+
+    ``additive_path`` is MLEM's ``additive.npz`` (per-event randoms and scatter term); it is
+    required when ``mlem.corrections`` is not empty.
+    """
+    from equipet.corrections import check_corrections
     from equipet.listmode import read_listmode
-    from equipet.mlem import chunk_events, image_geometry, sensitivity_doi_sigma_mm, tof_kernel_fwhm_mm
+    from equipet.mlem import (chunk_events, image_geometry, load_additive, sensitivity_doi_sigma_mm,
+                              tof_kernel_fwhm_mm)
     from equipet.phantom import hot_rod_phantom
     from equipet.scanner import Scanner
 
@@ -209,7 +218,16 @@ def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path
     window = tuple(mlem["energy_window_kev"]) if mlem.get("energy_window_kev") else None
     ev = read_listmode(coincidences, scanner, mlem["events"], mlem["lor_endpoints"], window, mlem["read_step_size"])
     n_total = len(ev)
-    ev = ev.subset(lors_crossing(ev.p1_mm, ev.p2_mm, g2))
+    additive = None
+    if check_corrections(mlem.get("corrections") or [], mlem["events"]):
+        if additive_path is None:
+            raise ConfigError("mlem.corrections is not empty but no MLEM additive term was given",
+                              where="equipet-central-slice --additive",
+                              fix="pass the additive.npz that equipet-mlem wrote for this CTR")
+        additive = load_additive(additive_path, n_total, float(np.sum(ev.tof_mm, dtype=np.float64)))
+    index = np.arange(n_total)   # read-order index of each kept event, through every selection below
+    crossing = lors_crossing(ev.p1_mm, ev.p2_mm, g2)
+    ev, index = ev.subset(crossing), index[crossing]
     doi_sigma = sensitivity_doi_sigma_mm(sensitivity_path)
     fwhm = tof_kernel_fwhm_mm(ctr_ps, scanner, mlem, doi_sigma) if mlem["tof"] else None
     tof = ev.tof_mm if mlem["tof"] else None
@@ -220,16 +238,17 @@ def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path
                                 mlem["tof_truncation_sigma"], chunk)
     with torch.no_grad():
         reach = proj.apply(torch.ones(g2.shape)).numpy() > 0
-    ev = ev.subset(reach)
+    ev, index = ev.subset(reach), index[reach]
     n_crossing = len(ev)
     rng = np.random.default_rng(sec["event_seed"])
     if sec["max_events"] is not None and n_crossing > sec["max_events"]:
         keep = np.sort(rng.choice(n_crossing, sec["max_events"], replace=False))
-        ev = ev.subset(keep)
+        ev, index = ev.subset(keep), index[keep]
     fraction = len(ev) / max(n_crossing, 1)
     # random order: consecutive blocks of events are then random subsets (the stochastic
     # assisted method draws such blocks)
-    ev = ev.subset(rng.permutation(len(ev)))
+    order = rng.permutation(len(ev))
+    ev, index = ev.subset(order), index[order]
     if len(ev) == 0:
         raise InputDataError("no event crosses the slice", where=str(coincidences),
                              fix="check assisted.slice_index and the acquisition")
@@ -239,6 +258,14 @@ def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path
                                             mlem["tof_truncation_sigma"], chunk)
     else:
         background = np.zeros(len(ev), np.float32)
+    event_additive = np.zeros(len(ev), np.float32)
+    if additive is not None:
+        event_additive = additive[index].astype(np.float32)
+        if not np.all(np.isfinite(event_additive)):
+            raise InputDataError("the MLEM additive term is undefined for events that cross the slice",
+                                 where=str(additive_path), fix="rerun equipet-mlem with the same mlem.fov_mm")
+        log.info("randoms + scatter term: %.4g of the slice events' expected density (out-of-slab %.4g)",
+                 float(event_additive.sum()), float(background.sum()))
     log.info("ctr %g ps: slab planes %d..%d (z = %.2f mm, %.2f mm thick); %d of %d events cross it, %d kept",
              ctr_ps, k0, k1 - 1, g2.origin_mm[2], g2.voxel_size_mm[2], n_crossing, n_total, len(ev))
     out: dict[str, np.ndarray] = {
@@ -247,7 +274,8 @@ def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path
         "early_iteration": np.asarray(sec["early_iterations"]),
         "truth": truth.astype(np.float32), "sensitivity": sensitivity,
         "p1": ev.p1_mm.astype(np.float32), "p2": ev.p2_mm.astype(np.float32),
-        "tof": ev.tof_mm.astype(np.float32), "background": background,
+        "tof": ev.tof_mm.astype(np.float32), "background": background + event_additive,
+        "background_out_of_slab": background, "background_additive": event_additive,
         "event_fraction": np.asarray(fraction), "n_events_crossing": np.asarray(n_crossing),
         "n_events_total": np.asarray(n_total), "ctr_ps": np.asarray(float(ctr_ps)),
         "tof_fwhm_mm": np.asarray(np.nan if fwhm is None else fwhm),
@@ -354,11 +382,13 @@ def _main(argv: Sequence[str] | None) -> None:
     p.add_argument("--ctr-ps", type=float, required=True)
     p.add_argument("--out", type=Path, required=True, help="slice.npz")
     p.add_argument("--baselines-out", type=Path, required=True, help="tidy CSV of the MLEM baselines")
+    p.add_argument("--additive", type=Path,
+                   help="additive.npz of equipet-mlem (per-event randoms + scatter; needed with mlem.corrections)")
     p.add_argument("--system-out", type=Path, help="system.pt: the slice's stored system matrix (torch.save)")
     args = p.parse_args(argv)
     cli.setup_logging(args.log)
     cfg = cli.settings_from_args(args)
-    data = extract_slice(cfg, args.mlem_dir, args.sensitivity, args.coincidences, args.ctr_ps)
+    data = extract_slice(cfg, args.mlem_dir, args.sensitivity, args.coincidences, args.ctr_ps, args.additive)
     rows, images = baseline_rows(cfg, data)
     data.update({f"baseline_{k}": v[2].astype(np.float32) for k, v in images.items()})
     data.update({f"baseline_{k}_iteration": np.asarray(v[0]) for k, v in images.items()})

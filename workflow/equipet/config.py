@@ -165,6 +165,13 @@ def _check_consistency(config: Mapping[str, Any], source: str) -> None:
                 where=f"{source}: assisted.early_iterations",
                 fix="use one of mlem.early_iterations, or add it there",
             )
+        if "l2" in assisted["methods"] and mlem["corrections"]:
+            raise ConfigError(
+                f"assisted method l2 with mlem.corrections={mlem['corrections']}: its quadratic term "
+                "integrates the model over sampled LORs, which carry no randoms or scatter term",
+                where=f"{source}: assisted.methods",
+                fix="drop l2 from assisted.methods, or set mlem.events: trues and mlem.corrections: []",
+            )
         target = assisted["image_target_iterations"]
         if target is not None and target > mlem["iterations"]:
             raise ConfigError(

@@ -435,6 +435,42 @@ def event_attenuation(p1: torch.Tensor, p2: torch.Tensor, phantom: Mapping[str, 
     return torch.exp(-att.apply(torch.as_tensor(mu, dtype=p1.dtype, device=p1.device)))
 
 
+ADDITIVE_FILE = "additive.npz"
+
+
+def save_additive(path: Path, hit: np.ndarray, tof_sum: float, additive: np.ndarray | None,
+                  corrections: Sequence[str]) -> None:
+    """Store the per-event additive term ``b_e`` MLEM used, for the later stages (``additive.npz``).
+
+    ``additive`` is indexed like the events crossing the image box (``hit``, a mask over the
+    events as read from the ROOT file); it is written in read order (``NaN`` for events that
+    miss the box, 0 everywhere without corrections), with the number of read events and the
+    sum of their TOF offsets, so that a reader can check it read the same events.
+    """
+    full = np.zeros(len(hit), np.float32)
+    if additive is not None:
+        full[~hit] = np.nan
+        full[hit] = additive
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, additive=full, n_read=np.asarray(len(hit)), tof_sum_mm=np.asarray(tof_sum),
+                            corrections=np.asarray(list(corrections), dtype=str))
+
+
+def load_additive(path: Path, n_read: int, tof_sum: float) -> np.ndarray:
+    """The per-event additive term of ``additive.npz`` (read order), checked against the events read."""
+    try:
+        with np.load(path) as f:
+            additive, n, t = f["additive"], int(f["n_read"]), float(f["tof_sum_mm"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputDataError(f"cannot read the MLEM additive term: {exc}", where=str(path),
+                             fix="rerun equipet-mlem for this CTR (it writes additive.npz)") from exc
+    if n != n_read or len(additive) != n_read or not math.isclose(t, tof_sum, rel_tol=1e-9, abs_tol=1e-6):
+        raise InputDataError(f"it describes {n} events (TOF sum {t:.6g} mm), the acquisition read here has "
+                             f"{n_read} (TOF sum {tof_sum:.6g} mm)", where=str(path),
+                             fix="rerun equipet-mlem on this acquisition with the same mlem settings")
+    return additive
+
+
 def prompt_corrections(corrections: Sequence[str], cfg: Mapping[str, Any], scanner: Scanner, mlem: Mapping[str, Any],
                        phantom: Mapping[str, Any], coincidences: Path, ev: Any, prompts_el: np.ndarray,
                        geom: ImageGeometry, sens: torch.Tensor, ctr_ps: float,
@@ -479,6 +515,7 @@ def prompt_corrections(corrections: Sequence[str], cfg: Mapping[str, Any], scann
     if "scatter" in corrections:
         sc = scatter_settings(mlem)
         ph = hot_rod_phantom(phantom)
+        ev_read_tof_sum = float(np.sum(ev.tof_mm, dtype=np.float64))
         lo, hi = _box_with_halo(geom)
         s_max = float(np.linalg.norm(np.maximum(np.abs(lo[:2]), np.abs(hi[:2]))))
         fwhm = tof_kernel_fwhm_mm(ctr_ps, scanner, mlem, doi_sigma_mm)
@@ -597,6 +634,7 @@ def mlem_main(argv: Sequence[str] | None = None) -> None:
         if len(ev) == 0:
             raise InputDataError("no events left after selection", where=str(args.coincidences),
                                  fix="check the energy window and mlem.events, or the simulation output")
+        ev_read_tof_sum = float(np.sum(ev.tof_mm, dtype=np.float64))
         lo, hi = _box_with_halo(geom)
         hit = lor_hits_box(ev.p1_mm.astype(np.float64), ev.p2_mm.astype(np.float64), lo, hi)
         log.info("%d of %d events cross the image box", int(hit.sum()), len(ev))
@@ -624,6 +662,8 @@ def mlem_main(argv: Sequence[str] | None = None) -> None:
                       mlem["iterations"], mlem["subsets"], fwhm,
                       mlem["tof_truncation_sigma"], mlem["min_sensitivity_fraction"],
                       chunk_events(mlem, device), mlem["system_cache_mb"], callback=save, additive=additive)
+        save_additive(args.out_dir / ADDITIVE_FILE, hit, ev_read_tof_sum,
+                      None if additive is None else additive.cpu().numpy(), corrections)
         with atomic_path(args.out_dir / "timing.json") as tmp:
             tmp.write_text(json.dumps(timing, indent=2))
 

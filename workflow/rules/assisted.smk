@@ -18,6 +18,7 @@ rule central_slice:
         ),
         sensitivity=f"{RESULTS}/recon/sensitivity.nii.gz",
         root=f"{RESULTS}/sim/ctr{{ctr}}/coincidences.root",
+        additive=f"{RESULTS}/recon/ctr{{ctr}}/additive.npz",
     output:
         slice=f"{ASSISTED}/ctr{{ctr}}/slice.npz",
         baselines=f"{ASSISTED}/ctr{{ctr}}/baselines.csv",
@@ -38,7 +39,8 @@ rule central_slice:
     shell:
         "equipet-central-slice --settings {params.settings:q} --mlem-dir {params.mlem_dir} "
         "--sensitivity {input.sensitivity} --coincidences {input.root} --ctr-ps {wildcards.ctr} "
-        "--out {output.slice} --baselines-out {output.baselines} --system-out {output.system} --log {log}"
+        "--additive {input.additive} --out {output.slice} --baselines-out {output.baselines} "
+        "--system-out {output.system} --log {log}"
 
 
 rule assisted_train:

@@ -3,6 +3,7 @@
 #   sensitivity: one per scanner + phantom mu-map + image grid (shared by every CTR; its JSON
 #                sidecar records the settings hash, equipet-mlem refuses a stale one)
 #   mlem:        per CTR, one NIfTI per iteration 1..mlem.iterations (the early ones feed training)
+#                and additive.npz, the per-event randoms + scatter term the central slice reuses
 #   recon_metrics: per CTR, CRC per rod size and background COV per iteration (tidy CSV)
 #   psf:         per CTR, point sources at the centre and the rods' radius simulated and
 #                reconstructed like the acquisition; fitted FWHM (x, y, z) in JSON
@@ -66,6 +67,7 @@ rule mlem:
     output:
         images=expand(f"{RECON}/ctr{{{{ctr}}}}/mlem_it{{n}}.nii.gz", n=MLEM_ITERATIONS),
         timing=f"{RECON}/ctr{{ctr}}/timing.json",
+        additive=f"{RECON}/ctr{{ctr}}/additive.npz",
     conda:
         CONDA_ENV
     log:
