@@ -35,7 +35,7 @@ and its evaluation need for one CTR into one ``slice.npz``:
   error needs (in the Poisson likelihood a per-event factor cancels, as in MLEM).
 
 ``equipet-central-slice --system-out system.pt`` also stores the slice's system matrix for
-those events (:func:`slice_system_matrix`: CSR of ``A`` and of ``A^T``), built once per CTR
+those events (:func:`slice_system_matrix`: CSR of ``A``; ``A^T`` is derived on loading), built once per CTR
 and reused by every model and seed of the ``poisson`` method.
 
 ``equipet-central-slice`` also scores the MLEM-only baselines a physicist would use without a
@@ -317,7 +317,7 @@ def slice_system_matrix(data: Mapping[str, np.ndarray], device: torch.device | s
                         chunk_size: int = 8192) -> SparseSystemMatrix:
     """The slice's system matrix for its events, stored once per CTR (``system.pt``).
 
-    Exactly the weights of :func:`slice_projector`, kept as CSR of ``A`` and of ``A^T``
+    Exactly the weights of :func:`slice_projector`, kept as CSR of ``A`` (``A^T`` derived when needed)
     (:class:`equipet.projector.SparseSystemMatrix`), in the event order of ``slice.npz``;
     every assisted run of the CTR (each model and seed) reuses it.
     """
@@ -405,6 +405,6 @@ def _main(argv: Sequence[str] | None) -> None:
         system = slice_system_matrix(data, device, chunk_events(cfg["mlem"], device))
         with atomic_path(args.system_out) as tmp:
             torch.save(system.to("cpu").state_dict(), tmp)
-        log.info("wrote %s: %d events, %d non-zeros (%.0f MB with its transpose)", args.system_out,
+        log.info("wrote %s: %d events, %d non-zeros (%.0f MB, A alone)", args.system_out,
                  system.n_events, system.nnz, system.nbytes / 1e6)
     log.info("wrote %s (%d events) and %s", args.out, len(data["tof"]), args.baselines_out)

@@ -472,6 +472,8 @@ class SparseSystemMatrix:
     ``adjoint`` equal the on-the-fly ones to float rounding. Both directions are CSR
     products: one pass over the rows of ``A`` or of ``A^T``, no scatter and no atomics.
     Memory: 8 bytes per non-zero for each of the two (int32 column index + float32 weight).
+    ``A^T`` is built from ``A`` when first needed (a matrix that is only split into
+    :meth:`subsets` never builds its own), and :meth:`state_dict` stores ``A`` alone.
 
     :meth:`subsets` splits the events into blocks of rows, each again a
     ``SparseSystemMatrix``, for stochastic (subset) objectives. Devices: the matrix lives
@@ -484,14 +486,26 @@ class SparseSystemMatrix:
         n_rows = int(crow.numel()) - 1
         self.crow, self.col, self.val = crow, col, val
         self.A = _csr(crow, col, val, (n_rows, geometry.n_voxels))
-        if transpose is None:
+        self._transpose = transpose
+        self._AT: torch.Tensor | None = None
+
+    @property
+    def transpose_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CSR arrays ``(crow, col, val)`` of ``A^T`` (built on first use)."""
+        if self._transpose is None:
             at = self.A.to_sparse_coo().t().coalesce()   # (V, N), sorted by voxel
             r, c = at.indices()
-            counts = torch.bincount(r, minlength=geometry.n_voxels)
-            tcrow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(crow.dtype)
-            transpose = (tcrow, c.to(col.dtype), at.values())
-        self.transpose_parts = transpose
-        self.AT = _csr(*transpose, (geometry.n_voxels, n_rows))
+            counts = torch.bincount(r, minlength=self.geometry.n_voxels)
+            tcrow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(self.crow.dtype)
+            self._transpose = (tcrow, c.to(self.col.dtype), at.values())
+        return self._transpose
+
+    @property
+    def AT(self) -> torch.Tensor:
+        """``A^T`` as a sparse CSR tensor (built on first use)."""
+        if self._AT is None:
+            self._AT = _csr(*self.transpose_parts, (self.geometry.n_voxels, self.n_events))
+        return self._AT
 
     @classmethod
     def from_chunks(cls, chunks: Sequence[SystemRows], geometry: ImageGeometry) -> "SparseSystemMatrix":
@@ -523,12 +537,13 @@ class SparseSystemMatrix:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.val, *self.transpose_parts))
+        parts = (self.crow, self.col, self.val, *(self._transpose or ()))
+        return sum(t.numel() * t.element_size() for t in parts)
 
     def to(self, device: torch.device | str) -> "SparseSystemMatrix":
         mv = lambda t: t.to(device)  # noqa: E731
         return SparseSystemMatrix(mv(self.crow), mv(self.col), mv(self.val), self.geometry,
-                                  tuple(mv(t) for t in self.transpose_parts))
+                                  None if self._transpose is None else tuple(mv(t) for t in self._transpose))
 
     def apply(self, image: torch.Tensor) -> torch.Tensor:
         """``A x``: image -> ``(N,)``."""
@@ -554,17 +569,18 @@ class SparseSystemMatrix:
         return [self.rows(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def state_dict(self) -> dict:
-        """Plain tensors and the geometry, for ``torch.save`` (loads with ``weights_only=True``)."""
+        """CSR of ``A`` and the geometry, for ``torch.save`` (loads with ``weights_only=True``);
+        ``A^T`` is derived again on loading, when needed."""
         g = self.geometry
-        return {"crow": self.crow, "col": self.col, "val": self.val, "t_crow": self.transpose_parts[0],
-                "t_col": self.transpose_parts[1], "t_val": self.transpose_parts[2],
+        return {"crow": self.crow, "col": self.col, "val": self.val,
                 "shape": list(g.shape), "voxel_size_mm": list(g.voxel_size_mm), "origin_mm": list(g.origin_mm)}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> "SparseSystemMatrix":
         g = ImageGeometry(tuple(int(v) for v in d["shape"]), tuple(float(v) for v in d["voxel_size_mm"]),
                           tuple(float(v) for v in d["origin_mm"]))
-        return cls(d["crow"], d["col"], d["val"], g, (d["t_crow"], d["t_col"], d["t_val"]))
+        transpose = (d["t_crow"], d["t_col"], d["t_val"]) if "t_crow" in d else None   # older files kept A^T
+        return cls(d["crow"], d["col"], d["val"], g, transpose)
 
 
 class ProjectFunction(torch.autograd.Function):
