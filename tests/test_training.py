@@ -181,6 +181,30 @@ def test_extending_a_finished_run_matches_a_longer_run(tmp_path):
     assert np.array_equal(longer.snapshots[6], full.snapshots[6])
 
 
+def test_step_decay_scales_the_step_and_resumes_exactly(tmp_path):
+    """After a milestone the step size is lr x gamma: with gamma = 1e-9 the network (Adam steps of
+    about lr) stops changing after epoch 3, and without the decay it keeps changing. An
+    interrupted decayed run resumes to the same losses (the rate is a function of the epoch)."""
+    noisy, clean = denoising_problem()
+    s = dict(snapshots=[3, 6], checkpoint_every=2)
+    const = train(make("cnn"), noisy, MSELoss(clean), settings(**s), tmp_path / "const")
+    decayed = train(make("cnn"), noisy, MSELoss(clean), settings(**s, lr_milestones=[3], lr_gamma=1e-9),
+                    tmp_path / "decayed")
+    assert np.array_equal(const.losses[:3], decayed.losses[:3])   # same path up to the milestone
+    moved_const = np.abs(const.snapshots[6] - const.snapshots[3]).max()
+    moved_decayed = np.abs(decayed.snapshots[6] - decayed.snapshots[3]).max()
+    assert moved_const > 1e-3 and moved_decayed < 1e-6 * moved_const, (moved_const, moved_decayed)
+    part = tmp_path / "interrupted"
+    with pytest.raises(Interrupt):
+        train(make("cnn"), noisy, MSELoss(clean), settings(**s, lr_milestones=[3], lr_gamma=0.1), part,
+              on_epoch_end=interrupt_after(5))
+    resumed = train(make("cnn"), noisy, MSELoss(clean), settings(**s, lr_milestones=[3], lr_gamma=0.1), part)
+    whole = train(make("cnn"), noisy, MSELoss(clean), settings(**s, lr_milestones=[3], lr_gamma=0.1),
+                  tmp_path / "whole")
+    assert resumed.resumed_from_epoch == 4
+    assert np.array_equal(resumed.losses, whole.losses)
+
+
 # ------------------------------------------------------------------ failures
 
 

@@ -2,7 +2,7 @@
 
 Run:  python workflow/benchmarks/check_assisted_likelihood.py --config config/quick.yaml \\
           --slice results/assisted/ctr100/slice.npz --system results/assisted/ctr100/system.pt \\
-          [--model scnn] [--seed 0] [--epochs 2000] [--out-dir /tmp/check]
+          [--model scnn] [--seed 0] [--epochs 2000] [--lr-decay 0.5 0.75] [--out-dir /tmp/check]
 
 Trains the same network (same seed, so the same initial weights and hence the same start
 image) with ``poisson`` (one random block of about ``assisted.subset_events`` events per
@@ -11,7 +11,8 @@ evaluates the full-batch list-mode negative log-likelihood ``L`` (module doc of
 :mod:`equipet.assisted`) of the start image and of each final image. It prints
 ``|L_poisson - L_full| / (L_start - L_full)``, the gap as a fraction of the full-batch
 method's total decrease (the acceptance bound is 1%), and exits 1 when it is larger than
-``--tolerance``.
+``--tolerance``. ``--lr-decay`` sets ``assisted.lr_decay.at_fraction`` for both methods (the
+same step-size schedule; the default keeps the configuration's).
 """
 
 from __future__ import annotations
@@ -41,12 +42,17 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=2000)
     p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--lr-decay", type=float, nargs="*", default=None,
+                   help="fractions of the epochs after which both methods' step size is multiplied by "
+                        "assisted.lr_decay.factor (default: the configuration's)")
     p.add_argument("--out-dir", type=Path, default=Path("/tmp/check_assisted_likelihood"))
     args = p.parse_args(argv)
 
     cfg = load_config(args.config)
     cfg["assisted"].update(epochs=args.epochs, snapshots=[args.epochs])
     cfg["assisted"]["early_stop"]["enabled"] = False
+    if args.lr_decay is not None:
+        cfg["assisted"]["lr_decay"]["at_fraction"] = list(args.lr_decay)
     device = select_device(cfg["device"])
     data = dict(np.load(args.slice))
     scale = input_scale(data["early"].astype(np.float32))
@@ -64,7 +70,8 @@ def main(argv=None) -> int:
     decrease = l_start - finals["poisson_full"]
     gap = abs(finals["poisson"] - finals["poisson_full"]) / decrease if decrease > 0 else float("inf")
     print(f"{args.model}, seed {args.seed}, {args.epochs} epochs, {len(data['tof'])} events "
-          f"(poisson: blocks of ~{cfg['assisted']['subset_events']} events)")
+          f"(poisson: blocks of ~{cfg['assisted']['subset_events']} events); step decay x"
+          f"{cfg['assisted']['lr_decay']['factor']} after {cfg['assisted']['lr_decay']['at_fraction']} of the epochs")
     print(f"L(start) = {l_start:.6f}; L(poisson_full) = {finals['poisson_full']:.6f}; "
           f"L(poisson) = {finals['poisson']:.6f}")
     print(f"gap / total decrease = {gap:.4f} (tolerance {args.tolerance})")

@@ -424,7 +424,9 @@ def run_assisted(cfg: Mapping[str, Any], slice_path: Path, method: str, model_na
         epochs=sec["epochs"], learning_rate=sec["learning_rate"] or cfg["training"]["learning_rate"],
         snapshots=sorted(set(sec["snapshots"]) | {sec["epochs"]}),
         checkpoint_every=cfg["training"]["checkpoint_every"], seed=seed, device=cfg["device"],
-        deterministic=cfg["training"]["deterministic"])
+        deterministic=cfg["training"]["deterministic"],
+        lr_milestones=sorted({max(1, round(f * sec["epochs"])) for f in sec["lr_decay"]["at_fraction"]}),
+        lr_gamma=sec["lr_decay"]["factor"])
     system = load_system(system_path, device) if method == "poisson" else None
     loss = build_loss(cfg, data, scale, device, method, system)
     seed_everything(seed, settings.deterministic)

@@ -41,7 +41,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +187,8 @@ class TrainSettings:
     seed: seeds torch, numpy and python's ``random``.
     device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (see :func:`equipet.device.select_device`).
     deterministic: use deterministic algorithms (bit-reproducible on the CPU).
+    lr_milestones: epochs after which the step size is multiplied by ``lr_gamma`` (a step
+        decay; empty = constant).
     """
 
     epochs: int
@@ -196,6 +198,8 @@ class TrainSettings:
     seed: int
     device: str
     deterministic: bool
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
 
 
 @dataclass
@@ -261,7 +265,10 @@ def _fingerprint(model: torch.nn.Module, net_input: torch.Tensor, loss: Callable
     extending a run, saving other snapshots or resuming elsewhere is allowed.
     """
     data = net_input.detach().to("cpu", torch.float32).contiguous().numpy()
+    schedule = ({"lr_milestones": sorted(int(m) for m in settings.lr_milestones), "lr_gamma": float(settings.lr_gamma)}
+                if settings.lr_milestones else {})
     return {
+        **schedule,
         "model_class": type(model).__name__,
         "parameter_shapes": {name: list(p.shape) for name, p in model.named_parameters()},
         "loss_class": type(loss).__name__,
@@ -532,6 +539,10 @@ def _train(
             bar.close()
             raise diverged(epoch, f"the loss became {value_f}")
         value.backward()
+        if settings.lr_milestones:   # step decay, a function of the epoch alone (resumes exactly)
+            lr = settings.learning_rate * settings.lr_gamma ** sum(epoch > m for m in settings.lr_milestones)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
