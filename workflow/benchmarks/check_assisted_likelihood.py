@@ -11,7 +11,9 @@ evaluates the full-batch list-mode negative log-likelihood ``L`` (module doc of
 :mod:`equipet.assisted`) of the start image and of each final image. It prints
 ``|L_poisson - L_full| / (L_start - L_full)``, the gap as a fraction of the full-batch
 method's total decrease (the acceptance bound is 1%), and exits 1 when it is larger than
-``--tolerance``. ``--lr-decay`` sets ``assisted.lr_decay.at_fraction`` for both methods (the
+``--tolerance``. With ``--equal-passes`` the stochastic method runs ``K`` times the epochs
+(``K`` blocks), so that both methods make the same number of passes through the events (the
+same projector work); otherwise both run ``--epochs``. ``--lr-decay`` sets ``assisted.lr_decay.at_fraction`` for both methods (the
 same step-size schedule; the default keeps the configuration's).
 """
 
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from equipet.assisted import NonNegativeOutput, build_loss, input_scale, run_assisted
+from equipet.assisted import NonNegativeOutput, build_loss, input_scale, run_assisted, subset_count
 from equipet.config import load_config
 from equipet.device import select_device
 from equipet.nets import build_model
@@ -42,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=2000)
     p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--equal-passes", action="store_true",
+                   help="run poisson for K x epochs (K event blocks): the same passes through the events")
     p.add_argument("--lr-decay", type=float, nargs="*", default=None,
                    help="fractions of the epochs after which both methods' step size is multiplied by "
                         "assisted.lr_decay.factor (default: the configuration's)")
@@ -63,14 +67,19 @@ def main(argv=None) -> int:
     with torch.no_grad():
         l_start = float(full(predict(start_model, net_input)))
     finals = {}
+    k_blocks = subset_count(len(data["tof"]), cfg["assisted"]["subset_events"])
+    epochs = {"poisson": args.epochs * (k_blocks if args.equal_passes else 1), "poisson_full": args.epochs}
     for method in ("poisson", "poisson_full"):
         out = args.out_dir / method
-        run_assisted(copy.deepcopy(cfg), args.slice, method, args.model, args.seed, out, args.system)
+        c = copy.deepcopy(cfg)
+        c["assisted"].update(epochs=epochs[method], snapshots=[epochs[method]])
+        run_assisted(c, args.slice, method, args.model, args.seed, out, args.system)
         finals[method] = json.loads((out / "summary.json").read_text())["full_nll"]
     decrease = l_start - finals["poisson_full"]
     gap = abs(finals["poisson"] - finals["poisson_full"]) / decrease if decrease > 0 else float("inf")
-    print(f"{args.model}, seed {args.seed}, {args.epochs} epochs, {len(data['tof'])} events "
-          f"(poisson: blocks of ~{cfg['assisted']['subset_events']} events); step decay x"
+    print(f"{args.model}, seed {args.seed}, {len(data['tof'])} events; poisson_full {epochs['poisson_full']} "
+          f"epochs, poisson {epochs['poisson']} epochs ({k_blocks} blocks of ~{cfg['assisted']['subset_events']} "
+          f"events, {epochs['poisson'] / k_blocks:g} passes); step decay x"
           f"{cfg['assisted']['lr_decay']['factor']} after {cfg['assisted']['lr_decay']['at_fraction']} of the epochs")
     print(f"L(start) = {l_start:.6f}; L(poisson_full) = {finals['poisson_full']:.6f}; "
           f"L(poisson) = {finals['poisson']:.6f}")
