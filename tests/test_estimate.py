@@ -62,11 +62,13 @@ def test_quick_estimate_counts_the_jobs_of_the_configuration(quick_run, quick_co
     # every job of the dry run (checked there against Snakemake's job-stats table) is in one stage
     assert sum(s["jobs"] for s in result["stages"]) == len(result["jobs"])
     assert {j["rule"] for j in result["jobs"]} >= {"simulate_job", "sensitivity", "mlem", "central_slice"}
+    assert stages["normalisation"]["jobs"] == 1 and stages["normalisation"]["serial_s"] > 0
 
 
 def test_estimate_scales_with_the_configured_epochs(quick_run, quick_config):
-    """Doubling assisted.epochs doubles the assisted stages and nothing else; the brain stage
-    follows denoise.epochs. (Same measured costs, so the comparison is exact.)"""
+    """Doubling assisted.epochs doubles the assisted stages, doubling the blank scan's decays and
+    chord pairs doubles the normalisation, and nothing else changes; the brain stage follows
+    denoise.epochs. (Same measured costs, so the comparison is exact.)"""
     work, result = quick_run
     costs = est.Costs.from_dict(result["costs"])
     jobs = [est.Job(**j) for j in result["jobs"]]
@@ -78,9 +80,11 @@ def test_estimate_scales_with_the_configured_epochs(quick_run, quick_config):
     longer = copy.deepcopy(quick_config)
     longer["assisted"]["epochs"] *= 2
     longer["denoise"]["epochs"] *= 3
+    longer["mlem"]["normalisation"]["blank_decays"] *= 2
+    longer["mlem"]["normalisation"]["chord_pairs"] *= 2
     doubled = work(longer)
     for name, seconds in base.items():
-        if name.startswith("assisted"):
+        if name.startswith("assisted") or name == "normalisation":
             assert doubled[name] == pytest.approx(2 * seconds, rel=1e-9)
         elif name != "brain experiments":
             assert doubled[name] == pytest.approx(seconds, rel=1e-9)

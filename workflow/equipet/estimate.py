@@ -20,6 +20,11 @@ chosen device (about 10 to 30 s), and scaled by the configuration:
   gives the events per decay: those ``mlem.events`` selects whose LOR crosses the image box
   (MLEM), and those crossing the assisted slice (the rule of :mod:`equipet.central_slice`).
   GATE jobs (``backend: gate``) are not estimated.
+* **normalisation**: ``blank_decays / r_blank + chord_pairs / r_chord``
+  (``mlem.normalisation``): ``r_blank`` the decays per second of the blank scan (the embedded Monte
+  Carlo on the uniform cylinder in air, :class:`equipet.normalisation.BlankScan`) and ``r_chord``
+  the element pairs per second of :func:`equipet.normalisation.class_pair_chords`, both measured
+  on small samples.
 * **sensitivity**: ``mlem.sensitivity_lors / r_sens``, ``r_sens`` the LORs per second of
   :func:`equipet.mlem.sensitivity_image` on a small sample (its fixed cost included).
 * **MLEM** (per CTR): ``iterations x N x t_ev(CTR)``, ``N = A T x events per decay`` and
@@ -88,6 +93,7 @@ STAGES = {
     "ablation_confirm": "ablation (not timed)",
     "simulate_job": "simulation",
     "gate_job": "simulation (GATE, not timed)",
+    "normalisation": "normalisation",
     "sensitivity": "sensitivity image",
     "mlem": "MLEM",
     "central_slice": "central slice",
@@ -101,6 +107,9 @@ CAL_EVENTS = {"cpu": 10_000, "cuda": 1_000_000}
 #: LORs of the sensitivity timing on each kind of device (its fixed cost, a pilot of 2e5 pairs, included)
 CAL_LORS = {"cpu": 10_000, "cuda": 2_000_000}
 CAL_DECAYS = 400_000
+#: decays of the blank-scan timing and element pairs of the chord-sum timing (normalisation)
+CAL_BLANK_DECAYS = 200_000
+CAL_CHORD_PAIRS = 1 << 18
 #: training epochs timed per network (after one warm-up epoch; the median is kept)
 CAL_EPOCHS = 3
 
@@ -203,6 +212,8 @@ class Costs:
     mlem_events_per_decay: float = float("nan")
     slice_events_per_decay: float = float("nan")
     sensitivity_lors_per_s: float = float("nan")
+    blank_decays_per_s: float = float("nan")       # normalisation: blank scan
+    chord_pairs_per_s: float = float("nan")        # normalisation: Monte Carlo chord sum
     job_start_s: float = 0.0            # a job's process start: Python, torch and equipet imported
     calibration_s: float = 0.0
     calibration_parts_s: dict[str, float] = field(default_factory=dict)    # what the calibration spent where
@@ -388,6 +399,20 @@ def calibrate(cfg: Mapping[str, Any], device: torch.device, jobs: Sequence[Job])
         t0 = time.perf_counter()
         _projection_costs(cfg, device, costs, geom, g2, in_box, in_slice, mlem_ctrs, slice_ctrs, kept)
         parts["projections"] = time.perf_counter() - t0
+    if rules.get("normalisation"):
+        from equipet.normalisation import BlankScan, blank_radius_mm, class_pair_chords
+
+        t0 = time.perf_counter()
+        scanner, ns = Scanner.from_config(cfg["scanner"]), cfg["mlem"]["normalisation"]
+        radius = blank_radius_mm(cfg["mlem"])
+        t1 = time.perf_counter()
+        BlankScan(radius, CAL_BLANK_DECAYS, ns["seed"]).simulate(scanner, cfg.get("acquisition"),
+                                                                 with_doi_residual=True)
+        costs.blank_decays_per_s = CAL_BLANK_DECAYS / (time.perf_counter() - t1)
+        t1 = time.perf_counter()
+        class_pair_chords(scanner, radius, ns["angle_bins"], CAL_CHORD_PAIRS, ns["seed"] + 1)
+        costs.chord_pairs_per_s = CAL_CHORD_PAIRS / (time.perf_counter() - t1)
+        parts["normalisation"] = time.perf_counter() - t0
     if rules.get("sensitivity"):
         t0 = time.perf_counter()
         mlem = cfg["mlem"]
@@ -437,6 +462,9 @@ def _work_seconds(job: Job, cfg: Mapping[str, Any], costs: Costs) -> float:
         return cfg[w["experiment"]]["epochs"] * costs.brain_s_per_epoch[f"{w['experiment']}/{w['model']}"]
     if job.rule == "simulate_job":
         return decays / cfg["acquisition"]["n_jobs"] / costs.mc_decays_per_s
+    if job.rule == "normalisation":
+        ns = mlem["normalisation"]
+        return ns["blank_decays"] / costs.blank_decays_per_s + ns["chord_pairs"] / costs.chord_pairs_per_s
     if job.rule == "sensitivity":
         return mlem["sensitivity_lors"] / costs.sensitivity_lors_per_s
     if job.rule == "mlem":
@@ -555,6 +583,9 @@ def report(stages: Sequence[Stage], costs: Costs, cfg: Mapping[str, Any], config
         measured.append(f"Monte Carlo {costs.mc_decays_per_s:.3g} decays/s per core, "
                         f"{costs.mlem_events_per_decay:.3g} MLEM events and {costs.slice_events_per_decay:.3g} "
                         f"slice events per decay")
+    if math.isfinite(costs.blank_decays_per_s):
+        measured.append(f"normalisation blank scan {costs.blank_decays_per_s:.3g} decays/s and "
+                        f"{costs.chord_pairs_per_s:.3g} chord pairs/s")
     if math.isfinite(costs.sensitivity_lors_per_s):
         measured.append(f"sensitivity {costs.sensitivity_lors_per_s:.3g} LORs/s")
     if measured:
