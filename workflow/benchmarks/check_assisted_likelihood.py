@@ -53,7 +53,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     cfg = load_config(args.config)
-    cfg["assisted"].update(epochs=args.epochs, snapshots=[args.epochs])
     cfg["assisted"]["early_stop"]["enabled"] = False
     if args.lr_decay is not None:
         cfg["assisted"]["lr_decay"]["at_fraction"] = list(args.lr_decay)
