@@ -175,7 +175,7 @@ def test_paper_method_learns_its_target(tmp_path):
     assert float(np.mean((out - target / float(ev["scale"])) ** 2)) < 0.5 * initial   # closer than the input was
 
 
-def subset_problem(n=400, k=5):
+def subset_problem(n=400, k=5, estimator="saga"):
     """A small single-slice problem: stored matrix, its K blocks, background and sensitivity."""
     A = projector(n, 7, dtype=torch.float32)
     keep = A.apply(torch.ones(G2.shape)) > 0
@@ -186,18 +186,29 @@ def subset_problem(n=400, k=5):
     sens = torch.as_tensor(rng.uniform(1.0, 2.0, G2.shape[:2]), dtype=torch.float32)
     parts = S.subsets(k)
     bounds = np.cumsum([0] + [p.n_events for p in parts])
-    sub = SubsetPoissonLoss(parts, [b[x:y] for x, y in zip(bounds[:-1], bounds[1:])], sens, 1.7, 0.8)
+    sub = SubsetPoissonLoss(parts, [b[x:y] for x, y in zip(bounds[:-1], bounds[1:])], sens, 1.7, 0.8,
+                            estimator=estimator)
     full = ListmodePoissonLoss(SliceForwardModel(A, b, 1.7), sens, 0.8)
     return sub, full
 
 
-def test_subset_gradient_is_unbiased():
-    """The mean over the K blocks of grad L_k equals the full-batch gradient, and L_k averages to L."""
-    sub, full = subset_problem()
-    out = torch.tensor(np.random.default_rng(9).uniform(0.5, 1.5, (1, 1, 6, 5)), dtype=torch.float32,
-                       requires_grad=True)
+def _output(seed):
+    return torch.tensor(np.random.default_rng(seed).uniform(0.5, 1.5, (1, 1, 6, 5)), dtype=torch.float32,
+                        requires_grad=True)
+
+
+def _full_gradient(full, out):
+    out.grad = None
     full(out).backward()
-    g_full = out.grad.clone()
+    return out.grad.clone()
+
+
+def test_subset_gradient_is_unbiased():
+    """Plain estimator: the mean over the K blocks of grad L_k equals the full-batch gradient, and
+    L_k averages to L."""
+    sub, full = subset_problem(estimator="none")
+    out = _output(9)
+    g_full = _full_gradient(full, out)
     grads = []
     for k in range(len(sub.subsets)):
         out.grad = None
@@ -205,20 +216,51 @@ def test_subset_gradient_is_unbiased():
         grads.append(out.grad.clone())
     torch.testing.assert_close(torch.stack(grads).mean(0), g_full, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(grads[0], g_full, rtol=1e-2)        # a single block is not the full gradient
-    assert float(sub.full(out)) == pytest.approx(float(full(out)), rel=1e-5)
+    assert sub.full(out).item() == pytest.approx(full(out).item(), rel=1e-5)
 
 
-def test_subset_method_reaches_full_batch_likelihood():
-    """From the same start, Adam on random blocks reaches the full-batch optimum's likelihood
-    within 1% of the total decrease (a pixel image through a softplus, so x > 0)."""
-    sub, full = subset_problem(n=2000, k=8)
+def test_saga_gradient_is_unbiased_for_any_table_and_exact_at_the_table_point():
+    """SAGA: with a table filled at another image, the mean over k of the estimate equals the full
+    gradient (a single one does not); with the table filled at the current image every block's
+    estimate is the full gradient; the value is L_k and the table takes the block's new gradient."""
+    sub, full = subset_problem(estimator="saga")
+    out = _output(9)
+    g_full = _full_gradient(full, out)
+    sub.refresh(sub.image(_output(10)).detach())                   # a stale table
+    table = sub.saga_table.clone()
+    grads = []
+    for k in range(len(sub.subsets)):
+        sub.saga_table.copy_(table)
+        out.grad = None
+        value = sub(out, k)
+        value.backward()
+        grads.append(out.grad.clone())
+        plain = SubsetPoissonLoss.subset_loss(sub, out, k)
+        assert float(value) == pytest.approx(float(plain), rel=1e-6)                     # the value is L_k
+        torch.testing.assert_close(sub.saga_table[k], sub.block_log_gradient(sub.image(out), k)[1])
+    torch.testing.assert_close(torch.stack(grads).mean(0), g_full, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(grads[0], g_full, rtol=1e-2)
+    sub.refresh(sub.image(out).detach())                            # table at the current image
+    for k in range(len(sub.subsets)):
+        out.grad = None
+        sub(out, k).backward()
+        torch.testing.assert_close(out.grad, g_full, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator,decay", [("saga", False), ("none", True)])
+def test_subset_method_reaches_full_batch_likelihood(estimator, decay):
+    """From the same start and for the same number of steps, Adam on random blocks reaches the
+    full-batch optimum's likelihood within 1% of the total decrease (a pixel image through a
+    softplus, so x > 0): with SAGA at a constant step size, with the plain block gradient only
+    after a step decay."""
+    sub, full = subset_problem(n=2000, k=8, estimator=estimator)
     start = torch.zeros(1, 1, 6, 5)
     finals = {}
     for name, loss in (("full", full), ("subset", sub)):
         torch.manual_seed(0)
         z = start.clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=0.05)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 if e < 1500 else 0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 if e < 1500 or not decay else 0.1)
         for _ in range(3000):
             opt.zero_grad()
             loss(torch.nn.functional.softplus(z, beta=20.0)).backward()
@@ -231,6 +273,31 @@ def test_subset_method_reaches_full_batch_likelihood():
     decrease = initial - finals["full"]
     assert decrease > 0
     assert abs(finals["subset"] - finals["full"]) <= 0.01 * decrease
+
+
+def test_saga_run_resumes_exactly_from_its_checkpoint(tmp_path):
+    """A SAGA run stopped at a checkpoint and resumed with a fresh loss object (empty table) ends
+    with the same losses and weights as the run that went through: the table is in the checkpoint."""
+    from equipet.training import TrainSettings, train
+
+    x = torch.rand(1, 1, 6, 5, generator=torch.Generator().manual_seed(3))
+
+    def run(out, epochs):
+        torch.manual_seed(0)
+        net = NonNegativeOutput(torch.nn.Conv2d(1, 1, 3, padding=1))
+        settings = TrainSettings(epochs=epochs, learning_rate=0.01, snapshots=[epochs], checkpoint_every=5,
+                                 seed=0, device="cpu", deterministic=True)
+        return train(net, x, subset_problem(estimator="saga")[0], settings, out)
+
+    through = run(tmp_path / "a", 12)
+    run(tmp_path / "b", 5)
+    resumed = run(tmp_path / "b", 12)
+    assert resumed.resumed_from_epoch == 5
+    np.testing.assert_array_equal(resumed.losses, through.losses)
+    for (name, a), (_, b) in zip(through.model.state_dict().items(), resumed.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert bool(ckpt["loss_state"]["saga_ready"]) and ckpt["fingerprint"]["loss_settings"]["estimator"] == "saga"
 
 
 def test_non_negative_output_and_plateau_stop_in_training(tmp_path):

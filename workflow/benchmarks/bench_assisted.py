@@ -10,7 +10,8 @@ configuration's ``models`` section, on the slice grid of ``mlem.fov_mm`` at
 
 * ``paper``: the image-domain method (MSE to an MLEM-like target; no projector);
 * ``poisson``: the stochastic list-mode Poisson objective on the stored slice matrix
-  (:class:`equipet.assisted.SubsetPoissonLoss`, ``assisted.subset_events`` per epoch);
+  (:class:`equipet.assisted.SubsetPoissonLoss`, ``assisted.subset_events`` per epoch, with the
+  configured ``assisted.variance_reduction``);
   the matrix is built once (its build time and size are printed, not counted per epoch);
 * ``poisson_full``: the full-batch list-mode Poisson objective with the projector computed
   on the fly (the method the workflow used before the stored matrix), with the configured
@@ -149,7 +150,7 @@ def main(argv=None) -> None:
         parts = S.subsets(k)
         bounds = np.cumsum([0] + [m.n_events for m in parts])
         losses["poisson"] = SubsetPoissonLoss(parts, [background[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
-                                              sens, 1.0, 1.0, floor=1e-6)
+                                              sens, 1.0, 1.0, floor=1e-6, estimator=sec["variance_reduction"])
         print(f"stored slice matrix: {S.nnz} non-zeros ({S.nnz / n:.1f} per event), {S.nbytes / 1e6:.0f} MB stored "
               f"(A alone), built in {time.perf_counter() - tb:.1f} s; {k} blocks of ~{n // k} events", flush=True)
     if "poisson_full" in args.methods:

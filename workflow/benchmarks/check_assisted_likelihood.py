@@ -2,7 +2,8 @@
 
 Run:  python workflow/benchmarks/check_assisted_likelihood.py --config config/quick.yaml \\
           --slice results/assisted/ctr100/slice.npz --system results/assisted/ctr100/system.pt \\
-          [--model scnn] [--seed 0] [--epochs 2000] [--lr-decay 0.5 0.75] [--out-dir /tmp/check]
+          [--model scnn] [--seed 0] [--epochs 2000] [--lr-decay 0.5 0.75] [--variance-reduction none]
+          [--out-dir /tmp/check]
 
 Trains the same network (same seed, so the same initial weights and hence the same start
 image) with ``poisson`` (one random block of about ``assisted.subset_events`` events per
@@ -14,7 +15,9 @@ method's total decrease (the acceptance bound is 1%), and exits 1 when it is lar
 ``--tolerance``. With ``--equal-passes`` the stochastic method runs ``K`` times the epochs
 (``K`` blocks), so that both methods make the same number of passes through the events (the
 same projector work); otherwise both run ``--epochs``. ``--lr-decay`` sets ``assisted.lr_decay.at_fraction`` for both methods (the
-same step-size schedule; the default keeps the configuration's).
+same step-size schedule; the default keeps the configuration's). ``--variance-reduction`` sets
+the stochastic method's gradient estimator (``assisted.variance_reduction``: ``saga``, the
+default, or ``none``, the plain block gradient).
 """
 
 from __future__ import annotations
@@ -49,11 +52,15 @@ def main(argv=None) -> int:
     p.add_argument("--lr-decay", type=float, nargs="*", default=None,
                    help="fractions of the epochs after which both methods' step size is multiplied by "
                         "assisted.lr_decay.factor (default: the configuration's)")
+    p.add_argument("--variance-reduction", choices=["saga", "none"], default=None,
+                   help="the poisson method's gradient estimator (default: the configuration's)")
     p.add_argument("--out-dir", type=Path, default=Path("/tmp/check_assisted_likelihood"))
     args = p.parse_args(argv)
 
     cfg = load_config(args.config)
     cfg["assisted"]["early_stop"]["enabled"] = False
+    if args.variance_reduction is not None:
+        cfg["assisted"]["variance_reduction"] = args.variance_reduction
     if args.lr_decay is not None:
         cfg["assisted"]["lr_decay"]["at_fraction"] = list(args.lr_decay)
     device = select_device(cfg["device"])
@@ -78,7 +85,8 @@ def main(argv=None) -> int:
     gap = abs(finals["poisson"] - finals["poisson_full"]) / decrease if decrease > 0 else float("inf")
     print(f"{args.model}, seed {args.seed}, {len(data['tof'])} events; poisson_full {epochs['poisson_full']} "
           f"epochs, poisson {epochs['poisson']} epochs ({k_blocks} blocks of ~{cfg['assisted']['subset_events']} "
-          f"events, {epochs['poisson'] / k_blocks:g} passes); step decay x"
+          f"events, {epochs['poisson'] / k_blocks:g} passes, gradient estimator "
+          f"{cfg['assisted']['variance_reduction']}); step decay x"
           f"{cfg['assisted']['lr_decay']['factor']} after {cfg['assisted']['lr_decay']['at_fraction']} of the epochs")
     print(f"L(start) = {l_start:.6f}; L(poisson_full) = {finals['poisson_full']:.6f}; "
           f"L(poisson) = {finals['poisson']:.6f}")

@@ -26,8 +26,11 @@ Outputs written into ``out_dir`` (all atomically, see :func:`equipet.files.atomi
     into a freshly built model).
 ``checkpoint.pt``
     every ``checkpoint_every`` epochs and at the end: weights, Adam state,
-    epoch, loss history, wall time and the torch/numpy/python RNG states.
-    A run finding a checkpoint of the same run continues from it.
+    epoch, loss history, wall time and the torch/numpy/python RNG states, and the
+    state of a loss that has one (``loss.checkpoint_state()``, restored by
+    ``loss.load_checkpoint_state``; e.g. the SAGA table of the stochastic
+    likelihood). A run finding a checkpoint of the same run continues from it; a
+    loss's ``fingerprint()`` belongs to what must match.
 """
 
 from __future__ import annotations
@@ -267,8 +270,10 @@ def _fingerprint(model: torch.nn.Module, net_input: torch.Tensor, loss: Callable
     data = net_input.detach().to("cpu", torch.float32).contiguous().numpy()
     schedule = ({"lr_milestones": sorted(int(m) for m in settings.lr_milestones), "lr_gamma": float(settings.lr_gamma)}
                 if settings.lr_milestones else {})
+    loss_settings = loss.fingerprint() if callable(getattr(loss, "fingerprint", None)) else None
     return {
         **schedule,
+        **({"loss_settings": loss_settings} if loss_settings is not None else {}),
         "model_class": type(model).__name__,
         "parameter_shapes": {name: list(p.shape) for name, p in model.named_parameters()},
         "loss_class": type(loss).__name__,
@@ -473,6 +478,8 @@ def _train(
         model.load_state_dict(ckpt["model"])
         model.train()
         optimizer.load_state_dict(ckpt["optimizer"])
+        if "loss_state" in ckpt:
+            loss.load_checkpoint_state(ckpt["loss_state"])
         losses = [float(v) for v in ckpt["losses"]]
         wall_time_s = [float(v) for v in ckpt["wall_time_s"]]
         start_epoch = int(ckpt["epoch"])
@@ -511,6 +518,7 @@ def _train(
             "wall_time_s": list(wall_time_s),
             "rng": _rng_state(),
             "settings": asdict(settings),
+            **({"loss_state": loss.checkpoint_state()} if hasattr(loss, "checkpoint_state") else {}),
         })
         _write_loss_csv(out_dir / "loss.csv", losses, wall_time_s)
         last_checkpoint[0] = epoch
