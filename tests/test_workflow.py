@@ -125,6 +125,20 @@ def test_quick_run_end_to_end(workdir):
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
+    # a training setting changed reruns the assisted runs (params), not the central slice, its
+    # system matrix or anything upstream; a slab setting does remake the slice
+    (workdir / "train_change.yaml").write_text("assisted:\n  variance_reduction: none\n")
+    (workdir / "slab_change.yaml").write_text("assisted:\n  event_seed: 12\n")
+    planned = {}
+    for name in ("train_change.yaml", "slab_change.yaml"):
+        proc = _snakemake(workdir, "-n", "--cores", "2", "--quiet", "rules", "--configfile", "config/quick.yaml", name)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        planned[name] = {line.split()[0] for line in proc.stdout.splitlines()
+                         if line.strip() and line.split()[-1].isdigit() and line.split()[0] not in ("job", "total")}
+    assert "assisted_train" in planned["train_change.yaml"]
+    assert not planned["train_change.yaml"] & {"central_slice", "mlem", "simulate_job"}, planned
+    assert {"central_slice", "assisted_train"} <= planned["slab_change.yaml"]
+
 
 def test_rules_run_the_commands_of_the_snakemake_environment(tmp_path):
     """Snakemake started by path from a venv that is not activated (its bin not on PATH)

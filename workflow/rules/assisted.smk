@@ -30,7 +30,7 @@ rule central_slice:
     benchmark:
         f"{BENCH}/assisted/central_slice_ctr{{ctr}}.tsv"
     params:
-        settings=settings("scanner", "phantom", "mlem", "assisted"),
+        settings=slice_settings(),
         mlem_dir=lambda w, input: str(Path(input.images[0]).parent),
     threads: 2
     resources:

@@ -60,14 +60,31 @@ wildcard_constraints:
     it=r"\d+",
 
 
-def settings(*sections):
+def settings(*sections, only=None):
     """JSON of the config sections a stage reads (with device and seeds), for --settings.
 
     Only the sections a rule uses enter its params, so changing one section
-    reruns only the rules that read it.
+    reruns only the rules that read it. ``only`` maps a section to the keys of
+    it the stage reads (the rest is left out), e.g. the central slice reads the
+    slab and event settings of ``assisted`` but none of its training settings.
     """
     keys = ("device", "seeds", "results_dir") + sections
-    return json.dumps({k: config[k] for k in keys}, sort_keys=True)
+    chosen = {k: config[k] for k in keys}
+    for section, subkeys in (only or {}).items():
+        chosen[section] = {k: config[section][k] for k in subkeys}
+    return json.dumps(chosen, sort_keys=True)
+
+
+def slice_settings():
+    """--settings of equipet-central-slice: the assisted keys it reads and no training setting,
+    so that changing one (epochs, learning rate, gradient estimator, a method other than l2)
+    does not remake the slice, its system matrix and with them every run of the CTR. Of
+    ``assisted.methods`` only whether l2 is there matters to it (its Monte Carlo LORs)."""
+    chosen = json.loads(settings("scanner", "phantom", "mlem", "assisted", only={"assisted": (
+        "slice_index", "slice_voxels", "early_iterations", "event_seed", "max_events", "out_of_slice",
+        "l2_mc_lors", "metrics", "methods")}))
+    chosen["assisted"]["methods"] = [m for m in chosen["assisted"]["methods"] if m == "l2"]
+    return json.dumps(chosen, sort_keys=True)
 
 # equipet-claims as the claims rules call it (paper_claims adds the MLEM timings).
 CLAIMS_SHELL = (
