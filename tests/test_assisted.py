@@ -236,7 +236,7 @@ def test_saga_gradient_is_unbiased_for_any_table_and_exact_at_the_table_point():
         value.backward()
         grads.append(out.grad.clone())
         plain = SubsetPoissonLoss.subset_loss(sub, out, k)
-        assert float(value) == pytest.approx(float(plain), rel=1e-6)                     # the value is L_k
+        assert value.item() == pytest.approx(plain.item(), rel=1e-6)               # the value is L_k
         torch.testing.assert_close(sub.saga_table[k], sub.block_log_gradient(sub.image(out), k)[1])
     torch.testing.assert_close(torch.stack(grads).mean(0), g_full, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(grads[0], g_full, rtol=1e-2)

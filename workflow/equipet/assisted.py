@@ -26,15 +26,16 @@ contribution, ``f`` the kept fraction of the events and ``N`` their number. The 
 random order and cut into ``K`` blocks ``S_k`` of about ``assisted.subset_events``; each epoch
 draws ``k`` uniformly, so ``E_k L_k = L`` and ``E_k grad L_k = grad L`` (unbiased: the
 sensitivity term is not scaled, the sum over the block is scaled by ``K``). Its minimiser is
-the slice's ML estimate (the fixed point of list-mode MLEM). With ``assisted.variance_reduction:
-saga`` (default) the gradient is SAGA's (Defazio et al. 2014) in image space: with
-``g_k(x) = A_k^T (1 / (A_k x + b_k))`` the log term's image gradient on block ``k`` and ``G_j``
+the slice's ML estimate (the fixed point of list-mode MLEM). That plain ``grad L_k`` is the
+default (``assisted.variance_reduction: none``); with ``saga`` the gradient is SAGA's (Defazio
+et al. 2014) in image space: with ``g_k(x) = A_k^T (1 / (A_k x + b_k))`` the log term's image gradient on block ``k`` and ``G_j``
 the stored last value of each ``g_j``, the epoch's image gradient is
 ``[f s - K (g_k(x) - G_k) - sum_j G_j] / N`` (then ``G_k <- g_k(x)``), backpropagated through the
-network. It is unbiased for any table, and its variance goes to zero as the image settles, so
-Adam sees nearly the full-batch gradient late in the run instead of a noisy one (with ``none``,
-the plain ``grad L_k``, the run stays measurably behind the full-batch likelihood at equal
-epochs; README). Cost per epoch: one block, as before; the table is ``K`` slice images.
+network. It is unbiased for any table, and its variance goes to zero as the image settles;
+early in a run, while the image moves far from where the table was filled, it can be larger
+than the plain gradient's (README: it closes part of the plain method's lag behind the
+full-batch likelihood on the quick slice, and one paper-scale CNN run collapsed with it). Cost
+per epoch: one block, as before; the table is ``K`` slice images.
 
 ``poisson_full``: the same ``L`` over all events every epoch, the system matrix computed on the
 fly (:class:`ListmodePoissonLoss`); the reference the stochastic method is checked against.
@@ -275,8 +276,8 @@ class SubsetPoissonLoss(torch.nn.Module):
     global generator (so a checkpoint, which saves its state, resumes the same sequence); ``k``
     forces one. Its value is always ``L_k``; its gradient depends on ``estimator``:
 
-    - ``"none"``: ``grad L_k`` (plain stochastic gradient);
-    - ``"saga"`` (default): the log term's image gradient ``g_k(x) = A_k^T (1 / (A_k x + b_k))``
+    - ``"none"`` (default): ``grad L_k`` (plain stochastic gradient);
+    - ``"saga"``: the log term's image gradient ``g_k(x) = A_k^T (1 / (A_k x + b_k))``
       enters as ``K (g_k(x) - G_k) + sum_j G_j``, with ``G_j`` the table of each block's last
       computed ``g_j`` (filled at the first call by one pass over all blocks, then ``G_k <- g_k(x)``
       after every call). Unbiased for any table (``E_k`` gives ``sum_j g_j(x)``); its variance
@@ -291,7 +292,7 @@ class SubsetPoissonLoss(torch.nn.Module):
 
     def __init__(self, subsets: Sequence[SparseSystemMatrix], backgrounds: Sequence[torch.Tensor],
                  sensitivity: torch.Tensor, scale: float, event_fraction: float = 1.0, floor: float = 1e-8,
-                 estimator: str = "saga"):
+                 estimator: str = "none"):
         super().__init__()
         if len(subsets) != len(backgrounds) or not subsets:
             raise ValueError("one background block per subset, at least one subset")
