@@ -127,7 +127,7 @@ def test_quick_run_end_to_end(workdir):
 
     # a training setting changed reruns the assisted runs (params), not the central slice, its
     # system matrix or anything upstream; a slab setting does remake the slice
-    (workdir / "train_change.yaml").write_text("assisted:\n  variance_reduction: none\n")
+    (workdir / "train_change.yaml").write_text("assisted:\n  learning_rate: 0.0005\n")
     (workdir / "slab_change.yaml").write_text("assisted:\n  event_seed: 12\n")
     planned = {}
     for name in ("train_change.yaml", "slab_change.yaml"):
