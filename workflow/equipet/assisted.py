@@ -28,14 +28,14 @@ draws ``k`` uniformly, so ``E_k L_k = L`` and ``E_k grad L_k = grad L`` (unbiase
 sensitivity term is not scaled, the sum over the block is scaled by ``K``). Its minimiser is
 the slice's ML estimate (the fixed point of list-mode MLEM). That plain ``grad L_k`` is the
 default (``assisted.variance_reduction: none``); with ``saga`` the gradient is SAGA's (Defazio
-et al. 2014) in image space: with ``g_k(x) = A_k^T (1 / (A_k x + b_k))`` the log term's image gradient on block ``k`` and ``G_j``
-the stored last value of each ``g_j``, the epoch's image gradient is
-``[f s - K (g_k(x) - G_k) - sum_j G_j] / N`` (then ``G_k <- g_k(x)``), backpropagated through the
-network. It is unbiased for any table, and its variance goes to zero as the image settles;
-early in a run, while the image moves far from where the table was filled, it can be larger
-than the plain gradient's (README: it closes part of the plain method's lag behind the
-full-batch likelihood on the quick slice, and one paper-scale CNN run collapsed with it). Cost
-per epoch: one block, as before; the table is ``K`` slice images.
+et al. 2014) in image space: with ``g_k(x) = A_k^T (1 / (A_k x + b_k))`` the log term's image
+gradient on block ``k`` and ``G_j`` the stored last value of each ``g_j``, the epoch's image
+gradient is ``[f s - K (g_k(x) - G_k) - sum_j G_j] / N`` (then ``G_k <- g_k(x)``),
+backpropagated through the network. It is unbiased for any table, and its variance goes to zero
+as the image settles; early in a run, while the image moves far from where the table was
+filled, it can be larger than the plain gradient's (README: it closes part of the plain
+method's lag behind the full-batch likelihood on the quick slice, and one paper-scale CNN run
+collapsed with it). Cost per epoch: one block, as before; the table is ``K`` slice images.
 
 ``poisson_full``: the same ``L`` over all events every epoch, the system matrix computed on the
 fly (:class:`ListmodePoissonLoss`); the reference the stochastic method is checked against.
@@ -281,9 +281,10 @@ class SubsetPoissonLoss(torch.nn.Module):
       enters as ``K (g_k(x) - G_k) + sum_j G_j``, with ``G_j`` the table of each block's last
       computed ``g_j`` (filled at the first call by one pass over all blocks, then ``G_k <- g_k(x)``
       after every call). Unbiased for any table (``E_k`` gives ``sum_j g_j(x)``); its variance
-      vanishes as the image stops changing, so the method converges like the full-batch one at the
-      cost of one block per call. Every call is one step of the estimator (it updates the table);
-      :meth:`checkpoint_state` / :meth:`load_checkpoint_state` carry the table through a checkpoint.
+      vanishes as the image stops changing, at the cost of one block per call (how close it
+      comes to the full-batch likelihood: README). Every call is one step of the estimator (it
+      updates the table); :meth:`checkpoint_state` / :meth:`load_checkpoint_state` carry the
+      table through a checkpoint.
 
     :meth:`full` is ``L`` itself (the mean of ``L_k`` over all ``k``; no table update).
     """
