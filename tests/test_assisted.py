@@ -275,9 +275,12 @@ def test_subset_method_reaches_full_batch_likelihood(estimator, decay):
     assert abs(finals["subset"] - finals["full"]) <= 0.01 * decrease
 
 
-def test_saga_run_resumes_exactly_from_its_checkpoint(tmp_path):
-    """A SAGA run stopped at a checkpoint and resumed with a fresh loss object (empty table) ends
-    with the same losses and weights as the run that went through: the table is in the checkpoint."""
+@pytest.mark.parametrize("estimator", ["saga", "none"])
+def test_subset_run_resumes_exactly_from_its_checkpoint(tmp_path, estimator):
+    """A run of the stochastic method stopped at a checkpoint and resumed with a fresh loss object
+    ends with the same losses and weights as the run that went through. SAGA: the table (empty in
+    the fresh loss) is in the checkpoint. Plain gradient: no table is kept, and a checkpoint from
+    before the table was SAGA-only (an unused zero table in it) resumes all the same."""
     from equipet.training import TrainSettings, train
 
     x = torch.rand(1, 1, 6, 5, generator=torch.Generator().manual_seed(3))
@@ -287,17 +290,26 @@ def test_saga_run_resumes_exactly_from_its_checkpoint(tmp_path):
         net = NonNegativeOutput(torch.nn.Conv2d(1, 1, 3, padding=1))
         settings = TrainSettings(epochs=epochs, learning_rate=0.01, snapshots=[epochs], checkpoint_every=5,
                                  seed=0, device="cpu", deterministic=True)
-        return train(net, x, subset_problem(estimator="saga")[0], settings, out)
+        return train(net, x, subset_problem(estimator=estimator)[0], settings, out)
 
     through = run(tmp_path / "a", 12)
     run(tmp_path / "b", 5)
+    ckpt_path = tmp_path / "b" / "checkpoint.pt"
+    if estimator == "none":
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        assert ckpt["loss_state"] == {}
+        blocks = ckpt["fingerprint"]["loss_settings"]["blocks"]
+        ckpt["loss_state"] = {"saga_table": torch.zeros((blocks,) + tuple(G2.shape)), "saga_ready": torch.tensor(False)}
+        torch.save(ckpt, ckpt_path)
     resumed = run(tmp_path / "b", 12)
     assert resumed.resumed_from_epoch == 5
     np.testing.assert_array_equal(resumed.losses, through.losses)
     for (name, a), (_, b) in zip(through.model.state_dict().items(), resumed.model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
-    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
-    assert bool(ckpt["loss_state"]["saga_ready"]) and ckpt["fingerprint"]["loss_settings"]["estimator"] == "saga"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["fingerprint"]["loss_settings"]["estimator"] == estimator
+    if estimator == "saga":
+        assert bool(ckpt["loss_state"]["saga_ready"])
 
 
 def test_non_negative_output_and_plateau_stop_in_training(tmp_path):

@@ -35,7 +35,8 @@ backpropagated through the network. It is unbiased for any table, and its varian
 as the image settles; early in a run, while the image moves far from where the table was
 filled, it can be larger than the plain gradient's (README: it closes part of the plain
 method's lag behind the full-batch likelihood on the quick slice, and one paper-scale CNN run
-collapsed with it). Cost per epoch: one block, as before; the table is ``K`` slice images.
+collapsed with it). Cost per epoch: one block, as before; the table is ``K`` slice images, kept
+only with ``saga``.
 
 ``poisson_full``: the same ``L`` over all events every epoch, the system matrix computed on the
 fly (:class:`ListmodePoissonLoss`); the reference the stochastic method is checked against.
@@ -307,10 +308,11 @@ class SubsetPoissonLoss(torch.nn.Module):
         self.floor = float(floor)
         self.estimator = estimator
         self.n_events = sum(m.n_events for m in self.subsets)
-        shape = tuple(self.subsets[0].geometry.shape)
-        device = self.sensitivity.device
-        self.register_buffer("saga_table", torch.zeros((len(self.subsets),) + shape, device=device))
-        self.register_buffer("saga_ready", torch.zeros((), dtype=torch.bool, device=device))
+        if estimator == "saga":   # the table exists only where it is read
+            shape = tuple(self.subsets[0].geometry.shape)
+            device = self.sensitivity.device
+            self.register_buffer("saga_table", torch.zeros((len(self.subsets),) + shape, device=device))
+            self.register_buffer("saga_ready", torch.zeros((), dtype=torch.bool, device=device))
 
     def image(self, output: torch.Tensor) -> torch.Tensor:
         return (output[0, 0] * self.scale)[..., None]
@@ -360,9 +362,16 @@ class SubsetPoissonLoss(torch.nn.Module):
         return {"estimator": self.estimator, "blocks": len(self.subsets)}
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The estimator's state (the SAGA table; nothing for the plain block gradient)."""
+        if self.estimator == "none":
+            return {}
         return {"saga_table": self.saga_table.detach().cpu().clone(), "saga_ready": self.saga_ready.cpu().clone()}
 
     def load_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`checkpoint_state`; a plain-gradient run ignores any table in ``state``
+        (checkpoints written before the table was SAGA-only carry an unused one)."""
+        if self.estimator == "none":
+            return
         self.saga_table.copy_(state["saga_table"])
         self.saga_ready.copy_(state["saga_ready"])
 
