@@ -16,8 +16,8 @@ method's total decrease (the acceptance bound is 1%), and exits 1 when it is lar
 (``K`` blocks), so that both methods make the same number of passes through the events (the
 same projector work); otherwise both run ``--epochs``. ``--lr-decay`` sets ``assisted.lr_decay.at_fraction`` for both methods (the
 same step-size schedule; the default keeps the configuration's). ``--variance-reduction`` sets
-the stochastic method's gradient estimator (``assisted.variance_reduction``: ``saga``, the
-default, or ``none``, the plain block gradient).
+the stochastic method's gradient estimator (``assisted.variance_reduction``: ``none``, the
+plain block gradient, or ``saga``; the default keeps the configuration's).
 """
 
 from __future__ import annotations
@@ -38,14 +38,21 @@ from equipet.nets import build_model
 from equipet.training import predict, seed_everything
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def slice_run_parser(description: str, epochs: int) -> argparse.ArgumentParser:
+    """The arguments of a run on a stored slice: configuration, slice, its matrix, model, seed, epochs
+    (shared with ``trace_assisted_likelihood.py``)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", nargs="+", default=["config/quick.yaml"])
     p.add_argument("--slice", type=Path, required=True)
     p.add_argument("--system", type=Path, required=True)
     p.add_argument("--model", default="scnn", choices=["cnn", "scnn"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=epochs)
+    return p
+
+
+def main(argv=None) -> int:
+    p = slice_run_parser(__doc__.splitlines()[0], epochs=2000)
     p.add_argument("--tolerance", type=float, default=0.01)
     p.add_argument("--equal-passes", action="store_true",
                    help="run poisson for K x epochs (K event blocks): the same passes through the events")

@@ -20,7 +20,6 @@ slice matrix instead of the on-the-fly projector: the same ``L`` to float32 roun
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -35,17 +34,13 @@ from equipet.device import select_device
 from equipet.nets import build_model
 from equipet.training import seed_everything
 
+from check_assisted_likelihood import slice_run_parser
+
 TRACE_EPOCHS = (1, 10, 30, 100, 200, 300, 500, 700, 1000, 1500, 2000, 3000, 5000, 10000, 20000)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", nargs="+", default=["config/quick.yaml"])
-    p.add_argument("--slice", type=Path, required=True)
-    p.add_argument("--system", type=Path, required=True)
-    p.add_argument("--model", default="scnn", choices=["cnn", "scnn"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=5000)
+    p = slice_run_parser(__doc__.splitlines()[0], epochs=5000)
     p.add_argument("--estimators", nargs="+", default=["full", "saga", "none"], choices=["full", "saga", "none"])
     p.add_argument("--full-on-matrix", action="store_true",
                    help="full batch on the stored matrix (one block, plain gradient) instead of on the fly")
