@@ -10,7 +10,9 @@ learning rate and no step decay, once per estimator: ``full`` (``poisson_full``,
 every epoch), ``saga`` and ``none`` (the ``poisson`` method with that
 ``assisted.variance_reduction``), and evaluates the full-batch list-mode negative
 log-likelihood ``L`` (module doc of :mod:`equipet.assisted`) of the current image at a fixed
-set of epochs. Prints one line per estimator and writes the CSV ``estimator, epoch, full_nll``.
+set of epochs (epoch 0: the start image, the same for every estimator). Prints one line per
+estimator and writes the CSV ``estimator, epoch, full_nll`` (again after each estimator, so a
+long trace keeps what it has measured).
 Where :mod:`check_assisted_likelihood` compares the end points of two runs, this shows where
 along the run they part. No files of a run are written (no checkpoints, no snapshots).
 ``--full-on-matrix`` computes the full-batch objective (training and evaluation) on the stored
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
         seed_everything(args.seed, cfg["training"]["deterministic"])
         model = NonNegativeOutput(build_model(args.model, cfg["models"])).to(device).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        with torch.no_grad():
+            rows.append(dict(estimator=estimator, epoch=0, full_nll=float(evaluate(model(net_input)))))
         for epoch in range(1, args.epochs + 1):
             optimizer.zero_grad(set_to_none=True)
             loss(model(net_input)).backward()
@@ -82,8 +86,8 @@ def main(argv=None) -> int:
                     rows.append(dict(estimator=estimator, epoch=epoch, full_nll=float(evaluate(model(net_input)))))
         print(f"{estimator:>5}: " + " ".join(f"{r['epoch']}:{r['full_nll']:.4f}" for r in rows
                                              if r["estimator"] == estimator), flush=True)
-    if args.out is not None:
-        pd.DataFrame(rows).to_csv(args.out, index=False)
+        if args.out is not None:
+            pd.DataFrame(rows).to_csv(args.out, index=False)
     return 0
 
 
