@@ -20,7 +20,10 @@ onto each axis (the projections of a 3-D Gaussian are Gaussians of the same widt
 
 so the fitted ``FWHM = 2 sqrt(2 ln 2) sigma`` is the continuous response, without the voxel's
 box, which the volume-averaged truth (:func:`equipet.recon_metrics.phantom_truth`) already
-carries. At the centre, FWHM (x, y, z) as fitted; at the rods' radius, rods lie at every
+carries. A profile that does not determine the four parameters (fewer than 5 planes, or a
+singular fit, e.g. a response all in one plane, narrower than the voxel can show) gives a NaN
+FWHM on that axis, with a warning in the log; a NaN axial width adds no axial blur to the
+ceiling. At the centre, FWHM (x, y, z) as fitted; at the rods' radius, rods lie at every
 azimuth, so the in-plane blur is isotropic with the quadrature mean of the radial and tangential
 widths, ``FWHM_xy = sqrt((FWHM_r^2 + FWHM_t^2) / 2)`` (same in-plane variance), and z as fitted.
 
@@ -39,6 +42,7 @@ import argparse
 import json
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -94,7 +98,7 @@ def _box_profile(x: np.ndarray, amplitude: float, mu: float, sigma: float, backg
 
 def fit_fwhm_mm(image: np.ndarray, geometry: ImageGeometry, window_mm: float) -> dict[str, Any]:
     """Peak position and fitted FWHM (x, y, z) of a reconstructed point source (module doc), mm."""
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     peak = np.unravel_index(int(np.argmax(image)), image.shape)
     c = geometry.voxel_centres_mm()[peak]
@@ -113,7 +117,17 @@ def fit_fwhm_mm(image: np.ndarray, geometry: ImageGeometry, window_mm: float) ->
         if len(prof) < 5:   # too few planes (a thin grid): the width is not measurable
             fwhm.append(float("nan"))
             continue
-        popt, _ = curve_fit(lambda xx, A, m, s, b: _box_profile(xx, A, m, s, b, v), x, prof, p0=p0, maxfev=20000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)   # judged below from the covariance itself
+            popt, pcov = curve_fit(lambda xx, A, m, s, b: _box_profile(xx, A, m, s, b, v), x, prof, p0=p0,
+                                   maxfev=20000)
+        if not np.all(np.isfinite(np.diag(pcov))):
+            # a singular fit: the profile does not determine the width (e.g. narrower than a voxel
+            # can show, or too few planes for four parameters)
+            log.warning("PSF fit along %s (%d planes of %g mm): the profile does not determine the width "
+                        "(singular fit); FWHM %s recorded as NaN", name, len(prof), v, name)
+            fwhm.append(float("nan"))
+            continue
         fwhm.append(FWHM_PER_SIGMA * abs(float(popt[2])))
         out[f"centroid_{name}_mm"] = float(popt[1])
     out["fwhm_mm"] = fwhm
