@@ -68,23 +68,31 @@ def test_ceiling_is_below_one_and_rises_with_rod_size(psf):
 @pytest.mark.parametrize("fwhm", [1.5, 2.0, 3.0])
 def test_fit_recovers_a_voxel_averaged_gaussian_and_refuses_an_undetermined_width(fwhm, recwarn):
     """A separable image whose x and y profiles are voxel-averaged Gaussians of a known FWHM and
-    centroid (0.8 mm voxels): the fit returns them to 1e-6 mm. Its z profile is one plane: no
-    width is determined by it (singular fit), so the z FWHM is NaN and no covariance warning
-    escapes; with a voxel-averaged Gaussian plus background in z instead, z is fitted as well."""
-    from equipet.psf import FWHM_PER_SIGMA, _box_profile, fit_fwhm_mm
+    centroid (0.8 mm voxels; each voxel's value the Gaussian's probability mass over the voxel,
+    from the normal CDF, independent of the fit's own model): the fit returns them to 1e-6 mm.
+    Its z profile is one plane: no width is determined by it (singular fit), so the z FWHM is NaN
+    and no covariance warning escapes; with a voxel-averaged Gaussian plus background in z
+    instead, z is fitted as well."""
+    from scipy.stats import norm
+
+    from equipet.psf import fit_fwhm_mm
 
     g = ImageGeometry.centred((31, 31, 9), 0.8)
     axis = [g.origin_mm[a] + 0.8 * np.arange(n) for a, n in enumerate(g.shape)]
-    sigma = fwhm / FWHM_PER_SIGMA
-    px = _box_profile(axis[0], 1.0, 0.13, sigma, 0.0, 0.8)
-    py = _box_profile(axis[1], 1.0, -0.21, sigma, 0.0, 0.8)
+    sigma = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+
+    def voxel_mass(x, mu):
+        return norm.cdf(x + 0.4, mu, sigma) - norm.cdf(x - 0.4, mu, sigma)
+
+    px = voxel_mass(axis[0], 0.13)
+    py = voxel_mass(axis[1], -0.21)
     spike = (np.arange(9) == 4).astype(float)
     fit = fit_fwhm_mm(px[:, None, None] * py[None, :, None] * spike, g, 6.0)
     assert fit["fwhm_mm"][:2] == pytest.approx([fwhm, fwhm], abs=1e-6)
     assert (fit["centroid_x_mm"], fit["centroid_y_mm"]) == pytest.approx((0.13, -0.21), abs=1e-6)
     assert np.isnan(fit["fwhm_mm"][2]) and "centroid_z_mm" not in fit
     assert not [w for w in recwarn if "Covariance" in str(w.message)]
-    pz = _box_profile(axis[2], 1.0, 0.05, sigma, 0.0, 0.8)
+    pz = voxel_mass(axis[2], 0.05)
     fit = fit_fwhm_mm(px[:, None, None] * py[None, :, None] * pz + 0.01, g, 6.0)
     assert fit["fwhm_mm"] == pytest.approx([fwhm] * 3, abs=1e-6)
     assert fit["centroid_z_mm"] == pytest.approx(0.05, abs=1e-6)
