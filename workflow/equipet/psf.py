@@ -122,8 +122,8 @@ def fit_fwhm_mm(image: np.ndarray, geometry: ImageGeometry, window_mm: float) ->
             popt, pcov = curve_fit(lambda xx, A, m, s, b: _box_profile(xx, A, m, s, b, v), x, prof, p0=p0,
                                    maxfev=20000)
         if not np.all(np.isfinite(np.diag(pcov))):
-            # a singular fit: the profile does not determine the width (e.g. narrower than a voxel
-            # can show, or too few planes for four parameters)
+            # a singular fit: the profile does not determine the width (e.g. all in one plane,
+            # narrower than a voxel can show)
             log.warning("PSF fit along %s (%d planes of %g mm): the profile does not determine the width "
                         "(singular fit); FWHM %s recorded as NaN", name, len(prof), v, name)
             fwhm.append(float("nan"))
