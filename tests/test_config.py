@@ -106,3 +106,13 @@ def test_config_yaml_and_readme_are_generated_from_the_schema(repo):
         "regenerate: equipet-config --template > config/config.yaml"
     assert (repo / "config" / "README.md").read_text() == markdown(), \
         "regenerate: equipet-config --markdown > config/README.md"
+
+
+def test_corrections_without_tof_are_refused():
+    """The randoms and scatter estimates are densities per mm of TOF offset: non-TOF events with
+    corrections would divide them by nothing; the config names the key and the fix."""
+    cfg = {"mlem": {"tof": False, "events": "all", "corrections": ["randoms"]}}
+    with pytest.raises(ConfigError, match="mlem.tof: false") as exc:
+        validate(cfg)
+    assert exc.value.where.endswith("mlem.corrections") and "mlem.tof: true" in exc.value.fix
+    validate({"mlem": {"tof": False, "events": "all", "corrections": []}})

@@ -125,3 +125,42 @@ def test_monte_carlo_scatter_matches_labelled_scatter(phantom_acquisition):
     assert observed.min() > 500
     assert ratio == pytest.approx(1.0, abs=0.10)
     np.testing.assert_allclose(predicted / observed, 1.0, atol=0.15)
+
+
+def test_randoms_additive_term_is_the_density_over_n_e(tmp_path):
+    """The per-event randoms term MLEM adds, ``b_e = r_e / eta_e``, against its analytic value:
+    ``r_e = R_ij / (c tau_w)`` (randoms uniform over the window, c = 299.792458 mm/ns) divided by
+    a known crystal-pair efficiency ``n_e = h(layer_i) h(layer_j)`` (no attenuation)."""
+    import torch
+
+    from equipet.listmode import read_listmode
+    from equipet.mlem import ImageGeometry, prompt_corrections
+    from equipet.normalisation import Normalisation, n_classes
+
+    acq_cfg = {"duration_s": 0.5, "n_jobs": 1, "seed": 5}
+    acq = AcquisitionSettings.from_config(acq_cfg)
+    sim = Simulator(SMALL, hot_rod_phantom({"material": "Air"}), acq, source=_off_centre_cylinder,
+                    source_activity_bq=1.5e6)
+    root = tmp_path / "acq.root"
+    sim.run_job(0, 200.0, out=root, progress=False)
+    ev = read_listmode(root, SMALL, "all", "crystal", None, 10**6, elements=True)
+    prompts_el = prompts_per_element(SMALL, ev.element1, ev.element2)
+    mlem = {**schema_defaults("mlem"), "attenuation": False, "tof": True}
+    layer_h = np.array([0.5, 3.0])                  # front and back DOI layer, every incidence angle
+    angle_bins = 4
+    per_layer = n_classes(SMALL, angle_bins) // SMALL.doi_layers     # classes are layer-major
+    efficiency = Normalisation(np.repeat(layer_h, per_layer), angle_bins)
+    geom = ImageGeometry.from_fov((40.0, 40.0, 8.0), 2.0)
+    additive, _ = prompt_corrections(["randoms"], {"acquisition": acq_cfg}, SMALL, mlem,
+                                     schema_defaults("phantom"), root, ev, prompts_el, geom,
+                                     torch.ones(geom.shape), 200.0, torch.device("cpu"), None, efficiency)
+    from equipet.gate_root import read_coincidences, read_singles_counts
+
+    d = read_coincidences(root, ["layerID1", "layerID2"])
+    n_e = layer_h[d["layerID1"]] * layer_h[d["layerID2"]]
+    assert set(np.round(np.unique(n_e), 6)) == {0.25, 1.5, 9.0}
+    model = SinglesModel.from_counts(SMALL, read_singles_counts(root, SMALL), prompts_el, acq.duration_s,
+                                     SMALL.coincidence_window_ns, acq.multiples_policy, acq.min_sector_difference)
+    r_e = model.expected(ev.element1, ev.element2) / (299.792458 * SMALL.coincidence_window_ns)
+    assert len(additive) == len(ev) == len(n_e) and r_e.min() > 0
+    np.testing.assert_allclose(additive.numpy(), r_e / n_e, rtol=1e-5)

@@ -59,7 +59,7 @@ def reconstructions(tmp_path_factory, quick_config):
         s = _settings(tmp / f"settings_{name}.json", c)
         out = tmp / name
         mlem_main(["--settings", s, "--coincidences", str(root), "--sensitivity", str(sens), "--ctr-ps", CTR,
-                   "--out-dir", str(out), "--threads", "2"])
+                   "--out-dir", str(out), "--threads", "2", "--normalisation", str(norm)])
         images = sorted(out.glob("mlem_it*.nii.gz"))
         metrics_main(["--settings", s, "--images", *map(str, images), "--ctr-ps", CTR,
                       "--out", str(out / "metrics.csv")])

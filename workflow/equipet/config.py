@@ -156,6 +156,13 @@ def _check_consistency(config: Mapping[str, Any], source: str) -> None:
                 where=f"{source}: mlem.early_iterations",
                 fix="keep every early iteration <= mlem.iterations",
             )
+    if mlem and mlem["corrections"] and not mlem["tof"]:
+        raise ConfigError(
+            f"mlem.corrections={mlem['corrections']} with mlem.tof: false: the randoms and scatter "
+            "estimates are densities per mm of TOF offset, which a non-TOF event has not",
+            where=f"{source}: mlem.corrections",
+            fix="set mlem.tof: true, or mlem.corrections: [] with mlem.events: trues",
+        )
     assisted = config.get("assisted")
     if mlem and assisted:
         if assisted["early_iterations"] not in mlem["early_iterations"]:

@@ -8,10 +8,13 @@ expected count density (counts per element pair per mm of TOF offset)
 
     \\bar y_e = \\eta_e (A x)_e + r_e + s_e,
 
-with ``A`` the TOF projector, ``eta_e`` the attenuation of the LOR, ``r_e`` the randoms
-density and ``s_e`` the scatter density. :func:`equipet.mlem.listmode_mlem` then updates
-``x_j <- x_j / s_j sum_e a_ej / ((A x)_e + b_e)`` with the additive term
-``b_e = (r_e + s_e) / eta_e``. No calibration is needed: MLEM puts ``x`` in counts per unit
+with ``A`` the TOF projector, ``eta_e = n_e exp(-int mu)`` the crystal-pair efficiency of the
+event's elements (:mod:`equipet.normalisation`, 1 when it is off) times the attenuation of its
+LOR (:func:`equipet.mlem.event_eta`, the factors the sensitivity image is weighted with),
+``r_e`` the randoms density and ``s_e`` the scatter density. :func:`equipet.mlem.listmode_mlem`
+then updates ``x_j <- x_j / s_j sum_e a_ej / ((A x)_e + b_e)`` with the additive term
+``b_e = (r_e + s_e) / eta_e``. Both densities are per mm of TOF offset: with ``mlem.tof: false``
+the corrections are refused (a non-TOF event's ``(A x)_e`` is per line). No calibration is needed: MLEM puts ``x`` in counts per unit
 of sensitivity (``sum_j s_j x_j + sum_L int (r + s) = N`` at every iteration), the scale in
 which ``r`` and ``s`` are expressed here (expected counts of the acquisition).
 

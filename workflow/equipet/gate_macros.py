@@ -258,7 +258,10 @@ def _source(name: str, activity_bq: float, acq: Mapping[str, Any], radius: float
         f"{s}/gps/monoenergy 0.511 MeV",
     ]
     if acq["acollinearity_fwhm_deg"] > 0:
-        L += [f"{s}/setAccolinearityFlag True", f"{s}/setAccoValue {_f(acq['acollinearity_fwhm_deg'])} deg"]
+        L += ["# acollinearity: a GATE with OpenGATE/Gate PR #762 gives each projected component of the",
+              "# deviation this FWHM (equipet's 'projected' model); an older GATE 9 draws the polar angle",
+              "# with it, about 0.71x the spread per component (equipet's 'gate9' model)",
+              f"{s}/setAccolinearityFlag True", f"{s}/setAccoValue {_f(acq['acollinearity_fwhm_deg'])} deg"]
     L += [
         f"{s}/gps/type Volume",
         f"{s}/gps/shape Cylinder",

@@ -435,6 +435,23 @@ def event_attenuation(p1: torch.Tensor, p2: torch.Tensor, phantom: Mapping[str, 
     return torch.exp(-att.apply(torch.as_tensor(mu, dtype=p1.dtype, device=p1.device)))
 
 
+def event_eta(ev: Any, scanner: Scanner, mlem: Mapping[str, Any], phantom: Mapping[str, Any],
+              efficiency: Any, device: torch.device) -> torch.Tensor:
+    """``eta_e = n_e exp(-int mu)`` of each event: crystal-pair efficiency times attenuation.
+
+    ``n_e`` comes from ``efficiency`` (:meth:`equipet.normalisation.Normalisation.pair_efficiency`
+    of the event's elements and LOR ends; 1 when ``None``), the attenuation from the phantom's
+    mu-map when ``mlem.attenuation`` (1 otherwise). The same factors weight the sensitivity image.
+    """
+    p1, p2, _ = ev.to_torch(device)
+    eta = (event_attenuation(p1, p2, phantom, mlem["voxel_size_mm"], chunk_events(mlem, device))
+           if mlem["attenuation"] else torch.ones(len(ev), device=device))
+    if efficiency is not None:
+        n_e = efficiency.pair_efficiency(scanner, ev.element1, ev.element2, ev.p1_mm, ev.p2_mm)
+        eta = eta * torch.as_tensor(n_e, dtype=eta.dtype, device=device)
+    return eta
+
+
 ADDITIVE_FILE = "additive.npz"
 
 
@@ -474,9 +491,14 @@ def load_additive(path: Path, n_read: int, tof_sum: float) -> np.ndarray:
 def prompt_corrections(corrections: Sequence[str], cfg: Mapping[str, Any], scanner: Scanner, mlem: Mapping[str, Any],
                        phantom: Mapping[str, Any], coincidences: Path, ev: Any, prompts_el: np.ndarray,
                        geom: ImageGeometry, sens: torch.Tensor, ctr_ps: float,
-                       device: torch.device, doi_sigma_mm: float | None = None) -> tuple[torch.Tensor, dict]:
+                       device: torch.device, doi_sigma_mm: float | None = None,
+                       efficiency: Any = None) -> tuple[torch.Tensor, dict]:
     """The per-event additive term ``b_e = (r_e + s_e) / eta_e`` (:mod:`equipet.corrections`).
 
+    ``eta_e = n_e exp(-int mu)`` is the factor the model puts on ``(A x)_e`` (module docstring):
+    the crystal-pair efficiency ``n_e`` of ``efficiency`` (a
+    :class:`equipet.normalisation.Normalisation`, the one the sensitivity image was weighted
+    with; ``None`` = 1) times the LOR's attenuation (:func:`event_eta`).
     ``ev`` holds the events crossing the image box (with element indices), ``prompts_el``
     the prompts per element of the whole file. Scatter is estimated ``scatter.rounds`` times,
     each time from an MLEM image of ``scatter.estimate_iterations`` iterations reconstructed
@@ -490,9 +512,11 @@ def prompt_corrections(corrections: Sequence[str], cfg: Mapping[str, Any], scann
     acq_cfg = dict(cfg.get("acquisition") or {})
     acq = AcquisitionSettings.from_config(acq_cfg)
     chunk = chunk_events(mlem, device)
+    if not mlem["tof"]:
+        raise ConfigError("randoms and scatter corrections need TOF events (densities per mm of TOF offset)",
+                          where="mlem.tof", fix="set mlem.tof: true, or mlem.corrections: []")
     p1, p2, tof = ev.to_torch(device)
-    eta = (event_attenuation(p1, p2, phantom, mlem["voxel_size_mm"], chunk) if mlem["attenuation"]
-           else torch.ones(len(ev), device=device))
+    eta = event_eta(ev, scanner, mlem, phantom, efficiency, device)
     info: dict[str, Any] = {}
     randoms_model = None
     r = np.zeros(len(ev))
@@ -573,6 +597,19 @@ def _stage_setup(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
     return args, cfg, scanner, mlem, phantom, select_device(cfg.get("device", "auto"))
 
 
+def _efficiency(path: Path | None, cfg: Mapping[str, Any], mlem: Mapping[str, Any], stage: str) -> Any:
+    """The blank-scan normalisation when ``mlem.normalisation.enabled`` (``None`` otherwise), refusing
+    a missing file or one computed for other settings."""
+    if not (mlem.get("normalisation") or {}).get("enabled"):
+        return None
+    from equipet.normalisation import blank_radius_mm, load_normalisation, normalisation_key
+
+    if path is None:
+        raise ConfigError(f"mlem.normalisation.enabled needs the blank-scan normalisation in {stage}",
+                          where="--normalisation", fix="run equipet-normalisation and pass its JSON")
+    return load_normalisation(path, normalisation_key(cfg["scanner"], mlem, blank_radius_mm(mlem)))
+
+
 def sensitivity_main(argv: Sequence[str] | None = None) -> None:
     """``equipet-sensitivity``: the attenuation-corrected sensitivity image (NIfTI + JSON sidecar)."""
     from equipet.cli import run
@@ -584,15 +621,7 @@ def sensitivity_main(argv: Sequence[str] | None = None) -> None:
                        help="from equipet-normalisation; required when mlem.normalisation.enabled")
         args, cfg, scanner, mlem, phantom, device = _stage_setup(p, argv)
         geom = image_geometry(mlem)
-        efficiency = None
-        if (mlem.get("normalisation") or {}).get("enabled"):
-            from equipet.normalisation import blank_radius_mm, load_normalisation, normalisation_key
-
-            if args.normalisation is None:
-                raise ConfigError("mlem.normalisation.enabled needs the blank-scan normalisation",
-                                  where="--normalisation", fix="run equipet-normalisation and pass its JSON")
-            efficiency = load_normalisation(args.normalisation,
-                                            normalisation_key(cfg["scanner"], mlem, blank_radius_mm(mlem)))
+        efficiency = _efficiency(args.normalisation, cfg, mlem, "equipet-sensitivity")
         mu, mu_geom = (phantom_mu_map(phantom, mlem["voxel_size_mm"]) if mlem["attenuation"] else (None, None))
         sens, info = sensitivity_image(scanner, geom, mlem["sensitivity_lors"], mu, mu_geom,
                                        mlem["sensitivity_batches"], mlem["sensitivity_seed"], device,
@@ -620,6 +649,9 @@ def mlem_main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--sensitivity", type=Path, required=True, help="from equipet-sensitivity")
         p.add_argument("--ctr-ps", type=float, required=True, help="coincidence time resolution, ps FWHM")
         p.add_argument("--out-dir", type=Path, required=True, help="receives mlem_it{n}.nii.gz and timing.json")
+        p.add_argument("--normalisation", type=Path, default=None,
+                       help="from equipet-normalisation; required with mlem.corrections when "
+                            "mlem.normalisation.enabled (the additive term is divided by n_e)")
         args, cfg, scanner, mlem, phantom, device = _stage_setup(p, argv)
         geom = image_geometry(mlem)
         sens = load_sensitivity(args.sensitivity, geom, sensitivity_key(cfg["scanner"], phantom, mlem))
@@ -628,6 +660,7 @@ def mlem_main(argv: Sequence[str] | None = None) -> None:
         t0 = time.perf_counter()
         window = tuple(mlem["energy_window_kev"]) if mlem.get("energy_window_kev") else None
         corrections = check_corrections(mlem.get("corrections") or [], mlem["events"])
+        efficiency = _efficiency(args.normalisation, cfg, mlem, "equipet-mlem") if corrections else None
         ev = read_listmode(args.coincidences, scanner, mlem["events"], mlem["lor_endpoints"], window,
                            mlem["read_step_size"], progress=True, elements=bool(corrections))
         t_read = time.perf_counter() - t0
@@ -645,7 +678,7 @@ def mlem_main(argv: Sequence[str] | None = None) -> None:
         if corrections:
             additive, corr_info = prompt_corrections(
                 corrections, cfg, scanner, mlem, phantom, args.coincidences, ev, prompts_el, geom,
-                torch.as_tensor(sens, device=device), args.ctr_ps, device, doi_sigma)
+                torch.as_tensor(sens, device=device), args.ctr_ps, device, doi_sigma, efficiency)
         timing: dict[str, Any] = {"device": str(device), "events": len(ev), "read_s": t_read,
                                   "ctr_ps": args.ctr_ps, "tof": mlem["tof"],
                                   "tof_kernel_fwhm_mm": fwhm,

@@ -11,8 +11,14 @@ batches of decays. What is modelled, in order:
    range is neglected (as with GATE's ``backtoback`` source) and decay during the
    acquisition is neglected (no half-life, as ``backtoback`` with a fixed activity).
 2. **Annihilation photons.** Two 511 keV photons, isotropic; photon 2 deviates from
-   ``-u1`` by a polar angle drawn from a Gaussian of FWHM ``acollinearity_fwhm_deg``
-   around a uniform azimuth (GATE ``setAccoValue``).
+   ``-u1`` by the acollinearity angle (GATE ``setAccoValue``), sampled by
+   :func:`acollinear_partner` with ``acquisition.acollinearity_model``:
+   ``projected`` (default) makes the deviation a 2-D Gaussian in the plane normal to ``u1``,
+   each projected component with FWHM ``acollinearity_fwhm_deg`` (the polar angle is then
+   Rayleigh-distributed), as measured in water and as current GATE samples it (Toussaint et al.,
+   Phys. Med. Biol. 69 (2024) 195010, doi 10.1088/1361-6560/ad70f1; OpenGATE/Gate PR #762);
+   ``gate9`` reproduces GATE 9 before that fix, a Gaussian polar angle of that FWHM around a
+   uniform azimuth, which gives each projected component only ``1/sqrt 2`` of the spread.
 3. **Phantom.** Photons cross the water cylinder with ``mu(E) = mu_511 sigma_KN(E) / sigma_KN(511 keV)``
    (Compton dominates water between 100 keV and 1 MeV; photoelectric and Rayleigh, together
    below 1 % at 511 keV, are neglected). Each interaction is a Compton scatter with angle and
@@ -121,6 +127,36 @@ def rotate_directions(d: np.ndarray, cos_t: np.ndarray, phi: np.ndarray) -> np.n
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
+ACOLLINEARITY_MODELS = ("projected", "gate9")
+
+
+def acollinear_partner(u1: np.ndarray, fwhm_deg: float, model: str, rng: np.random.Generator) -> np.ndarray:
+    """Direction of the second annihilation photon, given the first one's ``u1`` (n, 3).
+
+    The deviation of ``u2`` from ``-u1`` is a small rotation by the polar angle ``theta``
+    around a uniform azimuth ``phi``. With ``sigma = fwhm_deg / (2 sqrt(2 ln 2))`` (radians):
+
+    * ``projected``: the deviation vector ``(theta cos phi, theta sin phi)`` is a 2-D Gaussian
+      with standard deviation ``sigma`` per component, so each projected component (the one a
+      LOR's transaxial or axial blur sees) has FWHM ``fwhm_deg``, and ``theta`` follows a
+      Rayleigh law, ``theta = sigma sqrt(-2 ln U)``. This is the physical model (Toussaint et al.,
+      Phys. Med. Biol. 69 (2024) 195010) and that of GATE after OpenGATE/Gate PR #762.
+    * ``gate9``: ``theta ~ N(0, sigma)``, GATE 9's sampling before that fix; each projected
+      component then has standard deviation ``sigma / sqrt 2``, about 0.71 of the intended one.
+    """
+    n = len(u1)
+    if fwhm_deg <= 0:
+        return -u1
+    sig = math.radians(fwhm_deg) * FWHM_TO_SIGMA
+    if model == "projected":
+        theta = sig * np.sqrt(-2.0 * np.log1p(-rng.random(n)))
+    elif model == "gate9":
+        theta = rng.normal(0.0, sig, n)
+    else:
+        raise ValueError(f"acollinearity model {model!r} is not one of {ACOLLINEARITY_MODELS}")
+    return rotate_directions(-u1, np.cos(theta), 2 * np.pi * rng.random(n))
+
+
 def isotropic(n: int, rng: np.random.Generator) -> np.ndarray:
     cz = 2 * rng.random(n) - 1
     phi = 2 * np.pi * rng.random(n)
@@ -137,6 +173,7 @@ class AcquisitionSettings:
     n_jobs: int
     seed: int
     acollinearity_fwhm_deg: float
+    acollinearity_model: str
     randoms: bool
     min_sector_difference: int
     multiples_policy: str
@@ -348,11 +385,7 @@ class Simulator:
         n = times_s.size
         src, sid = self._sample_sources(n, rng)
         u1 = isotropic(n, rng)
-        sig = math.radians(self.acq.acollinearity_fwhm_deg) * FWHM_TO_SIGMA
-        if sig > 0:
-            u2 = rotate_directions(-u1, np.cos(rng.normal(0.0, sig, n)), 2 * np.pi * rng.random(n))
-        else:
-            u2 = -u1
+        u2 = acollinear_partner(u1, self.acq.acollinearity_fwhm_deg, self.acq.acollinearity_model, rng)
         # photons: index i (photon 1 of decay i) and n + i (photon 2)
         pos = np.concatenate([src, src])
         d = np.concatenate([u1, u2])

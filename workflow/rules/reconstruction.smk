@@ -64,6 +64,7 @@ rule mlem:
     input:
         root=f"{RESULTS}/sim/ctr{{ctr}}/coincidences.root",
         sensitivity=rules.sensitivity.output.nii,
+        normalisation=rules.sensitivity.input.normalisation,
     output:
         images=expand(f"{RECON}/ctr{{{{ctr}}}}/mlem_it{{n}}.nii.gz", n=MLEM_ITERATIONS),
         timing=f"{RECON}/ctr{{ctr}}/timing.json",
@@ -85,7 +86,8 @@ rule mlem:
     shell:
         "equipet-mlem --settings {params.settings:q} --coincidences {input.root} "
         "--sensitivity {input.sensitivity} --ctr-ps {wildcards.ctr} --out-dir {params.out_dir} "
-        "--threads {threads} --log {log}"
+        + ("--normalisation {input.normalisation} " if NORMALISATION_ON else "")
+        + "--threads {threads} --log {log}"
 
 
 rule recon_metrics:
