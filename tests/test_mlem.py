@@ -322,7 +322,7 @@ def test_symmetrised_sensitivity_is_closer_to_the_exact_sum():
 
 def test_command_line_stages_end_to_end(tmp_path):
     """equipet-sensitivity -> equipet-mlem -> equipet-recon-metrics -> equipet-psf ->
-    equipet-crc-ceiling on a small synthetic ROOT file."""
+    equipet-crc-blurred-truth on a small synthetic ROOT file."""
     import dataclasses
 
     import nibabel as nib
@@ -331,7 +331,7 @@ def test_command_line_stages_end_to_end(tmp_path):
     from equipet.config import validate
     from equipet.gate_root import CoincidenceWriter
     from equipet.mlem import mlem_main, sensitivity_main
-    from equipet.psf import ceiling_main, psf_main
+    from equipet.psf import blurred_truth_main, psf_main
     from equipet.recon_metrics import main as metrics_main
 
     scanner = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(SMALL).items()}
@@ -366,13 +366,13 @@ def test_command_line_stages_end_to_end(tmp_path):
     df = pd.read_csv(csv)
     assert set(df.columns) == {"experiment", "model", "seed", "epoch", "metric", "value", "ctr_ps", "reference_fwhm_mm"}
     assert set(df.epoch) == {1, 2} and "background_cov" in set(df.metric)
-    assert set(df.loc[df.metric.str.startswith("crc_blurred"), "reference_fwhm_mm"]) == {2.0}
+    assert set(df.loc[df.metric.str.startswith("crc_fraction"), "reference_fwhm_mm"]) == {2.0}
     psf = out / "psf.json"
     psf_main(["--settings", f"@{settings}", "--sensitivity", str(sens), "--ctr-ps", "100", "--out", str(psf)])
     fits = json.loads(psf.read_text())["positions"]
     assert set(fits) == {"centre", "rods_radius"} and all(np.isfinite(f["fwhm_mm"][:2]).all() for f in fits.values())
-    table = tmp_path / "tables" / "crc_ceiling.csv"
-    ceiling_main(["--settings", f"@{settings}", "--psf", str(psf), "--metrics", str(csv), "--out", str(table)])
+    table = tmp_path / "tables" / "crc_blurred_truth.csv"
+    blurred_truth_main(["--settings", f"@{settings}", "--psf", str(psf), "--metrics", str(csv), "--out", str(table)])
     ceil = pd.read_csv(table)
     assert set(ceil.psf_position) == {"centre", "rods_radius"} and len(ceil) == 12
     last = df[(df.epoch == 2) & (df.metric == "crc_6.5mm")].value.iloc[0]

@@ -1,4 +1,4 @@
-"""The measured point-source response (equipet.psf) and the CRC ceiling it sets."""
+"""The measured point-source response (equipet.psf) and the CRC of the truth blurred with it."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch
 from equipet.config import schema_defaults
 from equipet.mlem import sensitivity_image, tof_kernel_fwhm_mm
 from equipet.projector import ImageGeometry
-from equipet.psf import ceiling_rows, measure_psf
+from equipet.psf import blurred_truth_rows, measure_psf
 from equipet.recon_metrics import phantom_rois, phantom_truth
 from test_mlem import SMALL, expected_point_fwhm_mm
 
@@ -48,21 +48,21 @@ def test_point_source_fwhm_matches_the_resolution_estimate(psf):
         assert fit["centroid_y_mm"] == pytest.approx(pos[1], abs=0.4)
 
 
-def test_ceiling_is_below_one_and_rises_with_rod_size(psf):
-    """The phantom's truth blurred with each measured PSF: crc_ceiling <= 1 for every rod, rising
-    strictly with the rod diameter; crc_blurred is the MLEM CRC over the ceiling."""
+def test_blurred_truth_crc_is_below_one_and_rises_with_rod_size(psf):
+    """The phantom's truth blurred with each measured PSF: crc_blurred_truth <= 1 for every rod, rising
+    strictly with the rod diameter; crc_fraction is the MLEM CRC over the blurred truth's."""
     g = ImageGeometry.from_fov((104.0, 104.0, 12.8), 0.8)
     metrics = schema_defaults("mlem")["metrics"]
     rods, bkg, ratio = phantom_rois({}, g, metrics)
     mlem_crc = {d: 0.5 for d in rods}
-    rows = ceiling_rows(psf, phantom_truth({}, g), rods, bkg, ratio, g, mlem_crc)
+    rows = blurred_truth_rows(psf, phantom_truth({}, g), rods, bkg, ratio, g, mlem_crc)
     for name in POSITIONS:
         sub = sorted((r for r in rows if r["psf_position"] == name), key=lambda r: r["rod_mm"])
-        ceil = np.array([r["crc_ceiling"] for r in sub])
+        ceil = np.array([r["crc_blurred_truth"] for r in sub])
         print(name, [r["rod_mm"] for r in sub], np.round(ceil, 3))
         assert ceil.max() <= 1.0 and np.all(np.diff(ceil) > 0)
         for r in sub:
-            assert r["crc_blurred"] == pytest.approx(0.5 / r["crc_ceiling"])
+            assert r["crc_fraction"] == pytest.approx(0.5 / r["crc_blurred_truth"])
 
 
 @pytest.mark.parametrize("fwhm", [1.5, 2.0, 3.0])

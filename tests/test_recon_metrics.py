@@ -80,12 +80,12 @@ def test_tidy_rows_and_phantom_rois():
     assert crc["background_cov"] < 0.1
 
 
-# ---- CRC against the truth blurred with a known resolution (partial-volume ceiling) -------
-def test_ceiling_of_a_long_rod_matches_the_analytic_disk_in_gaussian():
+# ---- CRC against the truth blurred with a known resolution (partial-volume reference) -----
+def test_blurred_truth_crc_of_a_long_rod_matches_the_analytic_disk_in_gaussian():
     """A long rod of radius a (contrast R on a uniform background) blurred in-plane by a Gaussian
     of standard deviation s: the mean of the blurred disk over the disk is
     ``2 int_0^inf J1(u)^2 / u exp(-s^2 u^2 / (2 a^2)) du`` (Parseval with the disk's Fourier
-    transform ``2 pi a^2 J1(ka) / (ka)``), which is then the CRC ceiling. Fine 0.05 mm voxels."""
+    transform ``2 pi a^2 J1(ka) / (ka)``), which is then the blurred truth's CRC. Fine 0.05 mm voxels."""
     from scipy.integrate import quad
     from scipy.special import j1
 
@@ -101,10 +101,10 @@ def test_ceiling_of_a_long_rod_matches_the_analytic_disk_in_gaussian():
     for fwhm in (0.8, 1.5):
         s = fwhm / 2.3548200450309493
         ratios = reference_ratios(truth, {2 * a: rod}, bkg, (fwhm, fwhm, 0.0), g.voxel_size_mm)
-        ceiling = (ratios[2 * a] - 1) / 9.0
+        reference = (ratios[2 * a] - 1) / 9.0
         expected = 2 * quad(lambda u: j1(u) ** 2 / u * np.exp(-(s * u / a) ** 2 / 2), 0, np.inf, limit=400)[0]
-        print(f"FWHM {fwhm} mm: ceiling {ceiling:.4f}, analytic {expected:.4f}")
-        assert ceiling == pytest.approx(expected, abs=0.005)
+        print(f"FWHM {fwhm} mm: reference {reference:.4f}, analytic {expected:.4f}")
+        assert reference == pytest.approx(expected, abs=0.005)
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +117,9 @@ def phantom_grid():
     return g, phantom_truth({}, g), rods, bkg, ratio
 
 
-def test_blurred_truth_image_has_crc_blurred_one(phantom_grid):
-    """An image equal to the truth blurred with the reference FWHM gives crc_blurred = 1 for every
-    rod, and its crc_ceiling rows equal the image's own CRC."""
+def test_blurred_truth_image_has_crc_fraction_one(phantom_grid):
+    """An image equal to the truth blurred with the reference FWHM gives crc_fraction = 1 for every
+    rod, and its crc_blurred_truth rows equal the image's own CRC."""
     from equipet.recon_metrics import blur_gaussian, reference_ratios
 
     g, truth, rods, bkg, ratio = phantom_grid
@@ -128,15 +128,15 @@ def test_blurred_truth_image_has_crc_blurred_one(phantom_grid):
     rows = metrics_rows(img, rods, bkg, ratio, 3, 100.0, references=ref)
     got = {r["metric"]: r["value"] for r in rows}
     for d in rods:
-        assert got[f"crc_blurred_{d:g}mm"] == pytest.approx(1.0, abs=1e-9)
-        assert got[f"crc_ceiling_{d:g}mm"] == pytest.approx(got[f"crc_{d:g}mm"], abs=1e-9)
-    assert all(r["reference_fwhm_mm"] == 2.0 for r in rows if "blurred" in r["metric"] or "ceiling" in r["metric"])
+        assert got[f"crc_fraction_{d:g}mm"] == pytest.approx(1.0, abs=1e-9)
+        assert got[f"crc_blurred_truth_{d:g}mm"] == pytest.approx(got[f"crc_{d:g}mm"], abs=1e-9)
+    assert all(r["reference_fwhm_mm"] == 2.0 for r in rows if "blurred" in r["metric"] or "truth" in r["metric"])
 
 
 def test_wider_blur_recovers_less_and_small_rods_least(phantom_grid):
-    """The truth blurred by 3 mm against a 2 mm reference: crc_blurred < 1 for every rod, rising
-    with the rod diameter from 2.2 mm up; the ceilings are <= 1, rise with the diameter and fall
-    with the FWHM. The 1.6 mm rods are exempt from the rise of crc_blurred: at their 3.2 mm
+    """The truth blurred by 3 mm against a 2 mm reference: crc_fraction < 1 for every rod, rising
+    with the rod diameter from 2.2 mm up; the blurred truths' CRCs are <= 1, rise with the diameter and fall
+    with the FWHM. The 1.6 mm rods are exempt from the rise of crc_fraction: at their 3.2 mm
     pitch the wider blur also brings in their neighbours' activity (measured 0.69 against 0.61
     for the 2.2 mm rods), which an isolated rod would not (see the analytic test above)."""
     from equipet.recon_metrics import blur_gaussian, blurred_crc, reference_ratios
@@ -144,16 +144,16 @@ def test_wider_blur_recovers_less_and_small_rods_least(phantom_grid):
     g, truth, rods, bkg, ratio = phantom_grid
     img = blur_gaussian(truth, 3.0, g.voxel_size_mm)
     d_sorted = sorted(rods)
-    ceilings = {}
+    references = {}
     for w in (1.0, 2.0, 3.0):
         b = blurred_crc(img, rods, bkg, reference_ratios(truth, rods, bkg, w, g.voxel_size_mm), ratio)
-        ceilings[w] = [b["crc_ceiling"][d] for d in d_sorted]
+        references[w] = [b["crc_blurred_truth"][d] for d in d_sorted]
         if w == 2.0:
-            blurred = [b["crc_blurred"][d] for d in d_sorted]
-    print("rods", d_sorted, "\nceilings", {w: np.round(v, 3) for w, v in ceilings.items()},
-          "\ncrc_blurred (3 mm image, 2 mm reference)", np.round(blurred, 3))
+            blurred = [b["crc_fraction"][d] for d in d_sorted]
+    print("rods", d_sorted, "\nceilings", {w: np.round(v, 3) for w, v in references.items()},
+          "\ncrc_fraction (3 mm image, 2 mm reference)", np.round(blurred, 3))
     assert max(blurred) < 1.0 and np.all(np.diff(blurred[1:]) > 0)
-    for w, v in ceilings.items():
+    for w, v in references.items():
         assert max(v) <= 1.0 and np.all(np.diff(v) > 0), (w, v)
-    assert np.all(np.array(ceilings[1.0]) > np.array(ceilings[2.0]))
-    assert np.all(np.array(ceilings[2.0]) > np.array(ceilings[3.0]))
+    assert np.all(np.array(references[1.0]) > np.array(references[2.0]))
+    assert np.all(np.array(references[2.0]) > np.array(references[3.0]))

@@ -1,4 +1,4 @@
-"""The system's measured point-source response and the CRC ceiling it sets (partial volume).
+"""The system's measured point-source response and the CRC of the truth blurred with it.
 
 **Point sources.** A point source (``mlem.psf.decays`` decays, no positron range) is simulated
 with the embedded Monte Carlo (:class:`equipet.montecarlo.Simulator`, its ``source`` hook) in
@@ -23,17 +23,22 @@ box, which the volume-averaged truth (:func:`equipet.recon_metrics.phantom_truth
 carries. A profile that does not determine the four parameters (fewer than 5 planes, or a
 singular fit, e.g. a response all in one plane, narrower than the voxel can show) gives a NaN
 FWHM on that axis, with a warning in the log; a NaN axial width adds no axial blur to the
-ceiling. At the centre, FWHM (x, y, z) as fitted; at the rods' radius, rods lie at every
+blurred truth. At the centre, FWHM (x, y, z) as fitted; at the rods' radius, rods lie at every
 azimuth, so the in-plane blur is isotropic with the quadrature mean of the radial and tangential
 widths, ``FWHM_xy = sqrt((FWHM_r^2 + FWHM_t^2) / 2)`` (same in-plane variance), and z as fitted.
 
-**Ceiling.** Per CTR and position, the truth blurred with that Gaussian gives
-``crc_ceiling`` per rod size (:mod:`equipet.recon_metrics`): the CRC a system of this
-resolution reaches with a perfectly converged, noise-free reconstruction (partial volume
-alone). Next to it ``crc_mlem``, the CRC of the acquisition's last MLEM iteration, and
-``crc_blurred = crc_mlem / crc_ceiling``. The PSF is that of an isolated point after the same
-number of iterations; a warm, extended object converges more slowly than a point, so
-``crc_blurred < 1`` measures what is left to convergence (and noise), not resolution.
+**Blurred truth.** Per CTR and position, the truth blurred with that Gaussian gives
+``crc_blurred_truth`` per rod size (:mod:`equipet.recon_metrics`): the CRC of the rods if
+the reconstruction were the truth seen through this point response (partial volume at the
+resolution an isolated point reaches). Next to it ``crc_mlem``, the CRC of the acquisition's
+last MLEM iteration, and ``crc_fraction = crc_mlem / crc_blurred_truth``.
+
+It is a reference, **not a bound**: the response is that of an isolated point in a cold
+background after the acquisition's iterations, fitted with a Gaussian core (tails and MLEM's
+edge overshoot are not in it); MLEM converges more slowly on warm, extended rods than on a
+point, and a reconstruction with more iterations, or with overshoot at the rod edges, can
+exceed it. ``crc_fraction`` below 1 says the rods lag the point's convergence (or noise);
+above 1, sharper than the point reference.
 """
 
 from __future__ import annotations
@@ -180,7 +185,7 @@ def measure_psf(scanner: Any, phantom_cfg: Mapping[str, Any], acq_cfg: Mapping[s
 
 
 def blur_fwhm_mm(name: str, fwhm_xyz: Sequence[float]) -> tuple[float, float, float]:
-    """The Gaussian used for the ceiling from a fitted PSF (module doc: isotropic in-plane off centre)."""
+    """The Gaussian that blurs the truth, from a fitted PSF (module doc: isotropic in-plane off centre)."""
     fx, fy, fz = (float(v) for v in fwhm_xyz)
     fz = 0.0 if not math.isfinite(fz) else fz
     if name == "centre":
@@ -189,10 +194,10 @@ def blur_fwhm_mm(name: str, fwhm_xyz: Sequence[float]) -> tuple[float, float, fl
     return fxy, fxy, fz
 
 
-def ceiling_rows(psf: Mapping[str, Any], truth: np.ndarray, rods: Mapping[float, np.ndarray], bkg: np.ndarray,
+def blurred_truth_rows(psf: Mapping[str, Any], truth: np.ndarray, rods: Mapping[float, np.ndarray], bkg: np.ndarray,
                  ratio: float, geometry: ImageGeometry,
                  mlem_crc: Mapping[float, float] | None = None) -> list[dict[str, Any]]:
-    """Tidy rows per PSF position and rod size: ``crc_ceiling``, ``crc_mlem``, ``crc_blurred`` (module doc)."""
+    """Tidy rows per PSF position and rod size: ``crc_blurred_truth``, ``crc_mlem``, ``crc_fraction`` (module doc)."""
     from equipet.recon_metrics import reference_ratios
 
     rows = []
@@ -205,8 +210,8 @@ def ceiling_rows(psf: Mapping[str, Any], truth: np.ndarray, rods: Mapping[float,
             rows.append({"ctr_ps": float(psf["ctr_ps"]), "psf_position": name,
                          "psf_fwhm_x_mm": fit["fwhm_mm"][0], "psf_fwhm_y_mm": fit["fwhm_mm"][1],
                          "psf_fwhm_z_mm": fit["fwhm_mm"][2], "blur_fwhm_xy_mm": w[0], "blur_fwhm_z_mm": w[2],
-                         "rod_mm": float(d), "crc_ceiling": ceil, "crc_mlem": m,
-                         "crc_blurred": m / ceil if ceil != 0 else float("nan"), "iteration": psf["iterations"]})
+                         "rod_mm": float(d), "crc_blurred_truth": ceil, "crc_mlem": m,
+                         "crc_fraction": m / ceil if ceil != 0 else float("nan"), "iteration": psf["iterations"]})
     return rows
 
 
@@ -236,8 +241,8 @@ def psf_main(argv: Sequence[str] | None = None) -> None:
     run(_main, argv)
 
 
-def ceiling_main(argv: Sequence[str] | None = None) -> None:
-    """``equipet-crc-ceiling``: CRC ceiling per rod size, PSF position and CTR, next to MLEM's CRC (CSV)."""
+def blurred_truth_main(argv: Sequence[str] | None = None) -> None:
+    """``equipet-crc-blurred-truth``: CRC of the PSF-blurred truth per rod size, PSF position and CTR, next to MLEM's CRC (CSV)."""
     from equipet.cli import add_common_arguments, run, settings_from_args, setup_logging
 
     def _main(argv: Sequence[str] | None) -> None:
@@ -248,12 +253,12 @@ def ceiling_main(argv: Sequence[str] | None = None) -> None:
         from equipet.mlem import image_geometry
         from equipet.recon_metrics import phantom_rois, phantom_truth
 
-        p = argparse.ArgumentParser(prog="equipet-crc-ceiling", description=ceiling_main.__doc__)
+        p = argparse.ArgumentParser(prog="equipet-crc-blurred-truth", description=blurred_truth_main.__doc__)
         add_common_arguments(p)
         p.add_argument("--psf", type=Path, nargs="+", required=True, help="psf.json per CTR (equipet-psf)")
         p.add_argument("--metrics", type=Path, nargs="+", required=True,
                        help="recon metrics.csv per CTR (equipet-recon-metrics), matched by ctr_ps")
-        p.add_argument("--out", type=Path, required=True, help="crc_ceiling.csv")
+        p.add_argument("--out", type=Path, required=True, help="crc_blurred_truth.csv")
         args = p.parse_args(argv)
         setup_logging(args.log)
         cfg = settings_from_args(args)
@@ -276,11 +281,11 @@ def ceiling_main(argv: Sequence[str] | None = None) -> None:
                 psf = json.loads(Path(path).read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise InputDataError(f"cannot read the PSF ({exc})", where=str(path), fix="rerun the psf rule") from exc
-            rows += ceiling_rows(psf, truth, rods, bkg, ratio, geom, mlem_crc.get(float(psf["ctr_ps"])))
+            rows += blurred_truth_rows(psf, truth, rods, bkg, ratio, geom, mlem_crc.get(float(psf["ctr_ps"])))
         df = pd.DataFrame(rows).sort_values(["ctr_ps", "psf_position", "rod_mm"])
         with atomic_path(args.out) as tmp:
             df.to_csv(tmp, index=False)
-        log.info("CRC ceiling:\n%s", df[["ctr_ps", "psf_position", "blur_fwhm_xy_mm", "rod_mm", "crc_ceiling",
-                                         "crc_mlem", "crc_blurred"]].to_string(index=False))
+        log.info("CRC of the PSF-blurred truth:\n%s", df[["ctr_ps", "psf_position", "blur_fwhm_xy_mm", "rod_mm", "crc_blurred_truth",
+                                         "crc_mlem", "crc_fraction"]].to_string(index=False))
 
     run(_main, argv)

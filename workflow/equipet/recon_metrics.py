@@ -28,15 +28,15 @@ does not reach ``CRC = 1``: the rods' activity spills into the background and vi
 
 .. math::
 
-    \\mathrm{CRC}^{ceil}_{d,w} = \\frac{\\bar t_{w,rod,d} / \\bar t_{w,bkg} - 1}{R - 1}, \\qquad
-    \\mathrm{CRC}^{blur}_{d,w} = \\frac{\\bar x_{rod,d} / \\bar x_{bkg} - 1}
+    \\mathrm{CRC}^{ref}_{d,w} = \\frac{\\bar t_{w,rod,d} / \\bar t_{w,bkg} - 1}{R - 1}, \\qquad
+    \\mathrm{CRC}^{frac}_{d,w} = \\frac{\\bar x_{rod,d} / \\bar x_{bkg} - 1}
                                        {\\bar t_{w,rod,d} / \\bar t_{w,bkg} - 1}
-                             = \\frac{\\mathrm{CRC}_d}{\\mathrm{CRC}^{ceil}_{d,w}},
+                             = \\frac{\\mathrm{CRC}_d}{\\mathrm{CRC}^{ref}_{d,w}},
 
-in the same ROIs: ``CRC^ceil`` is the most a system of resolution ``w`` can recover (partial
-volume alone), ``CRC^blur`` how much of it the image has reached (1 = converged to the
-resolution ``w``; above 1 = sharper than ``w``, or overshoot). The tidy rows
-(:func:`metrics_rows`) carry them as ``crc_ceiling_<d>mm`` and ``crc_blurred_<d>mm`` with the
+in the same ROIs: ``CRC^ref`` is what the truth seen at resolution ``w`` recovers (partial
+volume at that resolution; a reference, not a bound: an image sharper than ``w``, or with
+overshoot at the edges, exceeds it), ``CRC^frac`` the image's CRC as a fraction of it. The tidy rows
+(:func:`metrics_rows`) carry them as ``crc_blurred_truth_<d>mm`` and ``crc_fraction_<d>mm`` with the
 FWHM in the ``reference_fwhm_mm`` column, one set per ``mlem.metrics.reference_fwhm_mm``.
 
 >>> import numpy as np
@@ -147,11 +147,11 @@ def reference_ratios(truth: np.ndarray, rod_masks: Mapping[float, np.ndarray], b
 
 def blurred_crc(image: np.ndarray, rod_masks: Mapping[float, np.ndarray], background: np.ndarray,
                 ref_ratio: Mapping[float, float], true_ratio: float) -> dict[str, dict[float, float]]:
-    """``crc_ceiling`` and ``crc_blurred`` per rod diameter against the blurred truth's ratios (module doc)."""
+    """``crc_blurred_truth`` and ``crc_fraction`` per rod diameter against the blurred truth's ratios (module doc)."""
     crc = contrast_metrics(image, rod_masks, background, true_ratio)["crc"]
-    ceiling = {d: (ref_ratio[d] - 1.0) / (true_ratio - 1.0) for d in rod_masks}
-    blurred = {d: (crc[d] / ceiling[d] if ceiling[d] != 0 else float("nan")) for d in rod_masks}
-    return {"crc_ceiling": ceiling, "crc_blurred": blurred}
+    reference = {d: (ref_ratio[d] - 1.0) / (true_ratio - 1.0) for d in rod_masks}
+    fraction = {d: (crc[d] / reference[d] if reference[d] != 0 else float("nan")) for d in rod_masks}
+    return {"crc_blurred_truth": reference, "crc_fraction": fraction}
 
 
 def phantom_rois(phantom_cfg: Mapping[str, Any], geometry: ImageGeometry,
@@ -173,7 +173,7 @@ def metrics_rows(image: np.ndarray, rods: Mapping[float, np.ndarray], bkg: np.nd
     """Tidy rows ``experiment, model, seed, epoch, metric, value, ctr_ps`` for one image.
 
     ``references`` maps a reference FWHM (mm) to :func:`reference_ratios` of the truth blurred
-    with it; each adds ``crc_ceiling_<d>mm`` and ``crc_blurred_<d>mm`` rows with that FWHM in
+    with it; each adds ``crc_blurred_truth_<d>mm`` and ``crc_fraction_<d>mm`` rows with that FWHM in
     ``reference_fwhm_mm`` (module doc).
     """
     m = contrast_metrics(image, rods, bkg, ratio)
@@ -183,7 +183,7 @@ def metrics_rows(image: np.ndarray, rods: Mapping[float, np.ndarray], bkg: np.nd
     rows.append({**base, "metric": "background_mean", "value": m["background_mean"]})
     for fwhm, ref in (references or {}).items():
         b = blurred_crc(image, rods, bkg, ref, ratio)
-        for name in ("crc_ceiling", "crc_blurred"):
+        for name in ("crc_blurred_truth", "crc_fraction"):
             rows += [{**base, "metric": f"{name}_{d:g}mm", "value": v, "reference_fwhm_mm": float(fwhm)}
                      for d, v in sorted(b[name].items(), reverse=True)]
     return rows

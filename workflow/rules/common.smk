@@ -136,7 +136,7 @@ def reconstruction_targets():
         [f"{RECON}/sensitivity.nii.gz"]
         + expand(f"{RECON}/ctr{{ctr}}/mlem_it{{n}}.nii.gz", ctr=RECON_CTRS, n=MLEM_ITERATIONS)
         + expand(f"{RECON}/ctr{{ctr}}/metrics.csv", ctr=RECON_CTRS)
-        + [f"{RESULTS}/tables/crc_ceiling.csv"]
+        + [f"{RESULTS}/tables/crc_blurred_truth.csv"]
     )
 
 

@@ -7,7 +7,7 @@
 #   recon_metrics: per CTR, CRC per rod size and background COV per iteration (tidy CSV)
 #   psf:         per CTR, point sources at the centre and the rods' radius simulated and
 #                reconstructed like the acquisition; fitted FWHM (x, y, z) in JSON
-#   crc_ceiling: CRC of the truth blurred with each PSF, per rod size and CTR, next to MLEM's
+#   crc_blurred_truth: CRC of the truth blurred with each PSF, per rod size and CTR, next to MLEM's
 
 
 #   normalisation: crystal-pair efficiency components from a simulated blank scan (one per
@@ -133,16 +133,16 @@ rule psf:
         "--ctr-ps {wildcards.ctr} --out {output} --threads {threads} --log {log}"
 
 
-rule crc_ceiling:
+rule crc_blurred_truth:
     input:
         psf=expand(f"{RECON}/ctr{{ctr}}/psf.json", ctr=RECON_CTRS),
         metrics=expand(f"{RECON}/ctr{{ctr}}/metrics.csv", ctr=RECON_CTRS),
     output:
-        f"{RESULTS}/tables/crc_ceiling.csv",
+        f"{RESULTS}/tables/crc_blurred_truth.csv",
     conda:
         CONDA_ENV
     log:
-        f"{LOGS}/recon/crc_ceiling.log",
+        f"{LOGS}/recon/crc_blurred_truth.log",
     params:
         settings=settings("phantom", "mlem"),
     threads: 1
@@ -150,5 +150,5 @@ rule crc_ceiling:
         mem_mb=2000,
         runtime=10,
     shell:
-        "equipet-crc-ceiling --settings {params.settings:q} --psf {input.psf} --metrics {input.metrics} "
+        "equipet-crc-blurred-truth --settings {params.settings:q} --psf {input.psf} --metrics {input.metrics} "
         "--out {output} --log {log}"
