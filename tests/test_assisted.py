@@ -332,3 +332,151 @@ def test_non_negative_output_and_plateau_stop_in_training(tmp_path):
     again = train(NonNegativeOutput(torch.nn.Conv2d(1, 1, 3, padding=1)), x, MSELoss(target), settings, tmp_path,
                   stop_rule=PlateauStop(20, 0.01, 100))
     assert len(again.losses) == n
+
+
+# ----------------------------------------------------------------------- the scale of the poisson method
+#
+# For L(x) = [f s^T x - sum_e log((A x)_e + b_e)] / N, the derivative along a global scale is
+# d/dalpha L(alpha x) |_(alpha=1) = [f s^T x - sum_e (A x)_e / ((A x)_e + b_e)] / N, so wherever L is
+# stationary in the scale (at its optimum, and at the best scale of any image) the expected counts
+# from the image, f s^T x, equal the events attributed to it, sum_e (A x)_e / ((A x)_e + b_e): N
+# without background. The tests below check that identity, computed from the events alone, on the
+# ``poisson`` method's loss as build_loss makes it (event fraction f != 1, K blocks, non-uniform s).
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for these small problems (oversubscribed threads on a shared 2-core
+    machine slow them down several-fold)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def scale_problem(background, n=2400, f=0.6, seed=11):
+    """A slice.npz-like dict (random in-plane TOF LORs through G2, all seeing the image; background
+    ``background`` times the mean (A early)_e) and a float64 on-the-fly projector of its events."""
+    rng = np.random.default_rng(seed)
+    a1 = rng.uniform(0, 2 * np.pi, n)
+    a2 = a1 + np.pi + rng.normal(0, 0.5, n)
+    p1 = np.stack([30 * np.cos(a1), 30 * np.sin(a1), rng.uniform(-0.4, 0.4, n)], 1)
+    p2 = np.stack([30 * np.cos(a2), 30 * np.sin(a2), rng.uniform(-0.4, 0.4, n)], 1)
+    tof = rng.normal(0, 3.0, n)
+    shape = 1.0 + rng.uniform(0, 1, G2.shape)               # a positive, non-uniform image
+
+    def events_projector(keep):
+        return ListmodeTOFProjector(G2, torch.tensor(p1[keep]), torch.tensor(p2[keep]), torch.tensor(tof[keep]),
+                                    tof_fwhm_mm(100.0))
+
+    a = events_projector(slice(None)).apply(torch.tensor(shape)).numpy()
+    keep = a > 0.05 * a.mean()                                # no event near the log's floor
+    A = events_projector(keep)
+    m = int(keep.sum())
+    sens = rng.uniform(1.0, 2.0, G2.shape[:2])
+    early = shape[..., 0] * 0.7 * m / (f * float((sens * shape[..., 0]).sum()))   # best scale ~1.4 x early
+    b = background * float(A.apply(torch.tensor(early[..., None])).mean()) * rng.uniform(0.5, 1.5, m)
+    data = dict(p1=p1[keep].astype(np.float32), p2=p2[keep].astype(np.float32), tof=tof[keep].astype(np.float32),
+                background=b.astype(np.float32), sensitivity=sens.astype(np.float32), event_fraction=np.asarray(f),
+                early=early.astype(np.float32), tof_fwhm_mm=np.asarray(tof_fwhm_mm(100.0)),
+                tof_truncation_sigma=np.asarray(3.0), geometry_shape=np.asarray(G2.shape),
+                geometry_voxel_mm=np.asarray(G2.voxel_size_mm), geometry_origin_mm=np.asarray(G2.origin_mm))
+    return data, A
+
+
+def count_identity(data, A, x):
+    """``(f s^T x, sum_e (A x)_e / ((A x)_e + b_e))`` for an image x (nx, ny), in float64."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    a = A.apply(x[..., None]).numpy()
+    b = data["background"].astype(np.float64)
+    expected = float(data["event_fraction"]) * float((torch.as_tensor(data["sensitivity"], dtype=torch.float64)
+                                                      * x).sum())
+    return expected, float(np.sum(a / (a + b)))
+
+
+def poisson_method_loss(data, estimator, method="poisson"):
+    from equipet.assisted import build_loss, input_scale
+    from equipet.central_slice import slice_system_matrix
+
+    cfg = tiny_config(subset_events=300, variance_reduction=estimator)
+    c = input_scale(data["early"])
+    system = slice_system_matrix(data) if method == "poisson" else None
+    return build_loss(cfg, data, c, torch.device("cpu"), method, system), c
+
+
+@pytest.mark.parametrize("background", [0.0, 0.5])
+@pytest.mark.parametrize("estimator", ["none", "saga"])
+def test_subset_method_best_scale_satisfies_the_count_identity(estimator, background, one_torch_thread):
+    """The best global scale alpha of the early image under the poisson method's loss (the root of
+    the mean over the K blocks of d/dalpha L_k(alpha x), each block called as the method calls it)
+    is where f s^T (alpha x) = sum_e (A alpha x)_e / ((A alpha x)_e + b_e) (= N, the number of
+    events, without background), solved in float64 from the events alone, to 1e-3; the full-batch
+    loss (method poisson_full) is stationary in the scale at the same alpha. A sensitivity term
+    off by 20% moves the root by ~17%."""
+    from scipy.optimize import brentq
+
+    data, A = scale_problem(background)
+    loss, c = poisson_method_loss(data, estimator)
+    K = len(loss.subsets)
+    assert K == 5 and loss.n_events == A.n_events
+    base = torch.as_tensor(data["early"] / c)[None, None]
+
+    def mean_block_derivative(alpha):
+        alpha = torch.tensor(float(alpha), requires_grad=True)
+        if estimator == "saga":           # a table at the current image: every block's estimate is exact
+            loss.refresh(loss.image(alpha.detach() * base))
+        total = 0.0
+        for k in range(K):
+            (g,) = torch.autograd.grad(loss(alpha * base, k), alpha)
+            total += float(g)
+        return total / K
+
+    alpha_subset = brentq(mean_block_derivative, 0.05, 20.0, xtol=1e-7)
+
+    early = data["early"].astype(np.float64)
+    alpha_ref = brentq(lambda al: np.subtract(*count_identity(data, A, al * early)), 0.05, 20.0, xtol=1e-10)
+    expected, attributed = count_identity(data, A, alpha_ref * early)
+    assert expected == pytest.approx(attributed, rel=1e-9)
+    if background == 0.0:
+        assert expected == pytest.approx(A.n_events, rel=1e-9)       # expected counts = number of events
+        assert alpha_ref == pytest.approx(A.n_events / (float(data["event_fraction"])
+                                                        * float((data["sensitivity"] * early).sum())), rel=1e-9)
+    else:
+        assert attributed < 0.75 * A.n_events                        # the background term matters here
+    assert alpha_subset == pytest.approx(alpha_ref, rel=1e-3)
+
+    full, _ = poisson_method_loss(data, estimator, method="poisson_full")
+    alpha = torch.tensor(alpha_ref, dtype=torch.float32, requires_grad=True)
+    (g_full,) = torch.autograd.grad(full(alpha * base), alpha)
+    (g_off,) = torch.autograd.grad(full(alpha * 1.05 * base), alpha)
+    assert abs(float(g_full)) < 1e-3 * abs(float(g_off))          # stationary there, not 5% away
+
+
+@pytest.mark.parametrize("background", [0.0, 0.5])
+@pytest.mark.parametrize("estimator", ["none", "saga"])
+def test_subset_method_optimum_has_the_expected_counts(estimator, background, one_torch_thread):
+    """Adam on random blocks of the poisson method's loss (each call draws its block, as in
+    training), a pixel image through the softplus of NonNegativeOutput started at the early image
+    (whose counts are 30% too low; 12% too high with background): after 1500 steps (step size / 10
+    after 750) the image's expected counts f s^T x equal the events attributed to it,
+    sum_e (A x)_e / ((A x)_e + b_e) (= N without background), within 2% (measured < 0.2%; a
+    sensitivity term off by 20% gives -17%)."""
+    data, A = scale_problem(background)
+    loss, c = poisson_method_loss(data, estimator)
+    start, attributed = count_identity(data, A, data["early"])
+    assert abs(start / attributed - 1) > 0.1     # the start's scale is off (-30%; +12% with background)
+    torch.manual_seed(0)
+    out0 = torch.as_tensor(data["early"] / c, dtype=torch.float32)[None, None]
+    z = (torch.log(torch.expm1(20.0 * out0)) / 20.0).requires_grad_(True)     # softplus_20(z) = early / c
+    opt = torch.optim.Adam([z], lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 if e < 750 else 0.1)
+    for _ in range(1500):
+        opt.zero_grad()
+        loss(torch.nn.functional.softplus(z, beta=20.0)).backward()
+        opt.step()
+        sched.step()
+    x = c * torch.nn.functional.softplus(z.detach(), beta=20.0)[0, 0]
+    expected, attributed = count_identity(data, A, x)
+    if background == 0.0:
+        assert attributed == pytest.approx(A.n_events, rel=1e-12)
+    assert expected == pytest.approx(attributed, rel=0.02)
