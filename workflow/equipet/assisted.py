@@ -33,7 +33,7 @@ gradient on block ``k`` and ``G_j`` the stored last value of each ``g_j``, the e
 gradient is ``[f s - K (g_k(x) - G_k) - sum_j G_j] / N`` (then ``G_k <- g_k(x)``),
 backpropagated through the network. It is unbiased for any table, and its variance goes to zero
 as the image settles; early in a run, while the image moves far from where the table was
-filled, it can be larger than the plain gradient's (README: it closes part of the plain
+filled, it can be larger than the plain gradient's (docs/results.md: it closes part of the plain
 method's lag behind the full-batch likelihood on the quick slice, and one paper-scale CNN run
 collapsed with it). Cost per epoch: one block, as before; the table is ``K`` slice images, kept
 only with ``saga``.
@@ -283,7 +283,7 @@ class SubsetPoissonLoss(torch.nn.Module):
       computed ``g_j`` (filled at the first call by one pass over all blocks, then ``G_k <- g_k(x)``
       after every call). Unbiased for any table (``E_k`` gives ``sum_j g_j(x)``); its variance
       vanishes as the image stops changing, at the cost of one block per call (how close it
-      comes to the full-batch likelihood: README). Every call is one step of the estimator (it
+      comes to the full-batch likelihood: docs/results.md). Every call is one step of the estimator (it
       updates the table); :meth:`checkpoint_state` / :meth:`load_checkpoint_state` carry the
       table through a checkpoint.
 
