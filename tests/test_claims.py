@@ -1,5 +1,7 @@
 """Paper claims: verdicts follow the rules, flip with the data, and refuse what is not comparable."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,6 +9,7 @@ import pytest
 from equipet.claims import (
     NOT_COMPARABLE,
     NOT_REPRODUCED,
+    PAPER_EPOCHS,
     REPRODUCED,
     Run,
     loss_instability,
@@ -254,3 +257,144 @@ def test_assisted_time_and_convergence_are_comparable_for_the_papers_method_only
         assert by[(claim, "data_consistent")] == NOT_COMPARABLE, claim
     # resolution is judged for every method
     assert by[("assisted_scnn_smallest_resolved", "data_consistent")] == REPRODUCED
+
+
+# ------------------------------------------------------------------ each rule on its boundary
+
+
+def _radon_speed_runs(reach_epoch, cnn_total_s, scnn_s_per_epoch=0.5, device="cuda"):
+    """Radon runs of the paper's 5000 epochs: the CNN's loss is 0.5 throughout (its minimum),
+    the SCNN's drops from 1 to 0.001 at epoch ``reach_epoch - 5``, so that its running mean
+    (window 10) first reaches 0.5 at ``reach_epoch``; the SCNN takes ``scnn_s_per_epoch`` per
+    epoch, the CNN ``cnn_total_s`` for its 5000 epochs."""
+    epochs, window = PAPER_EPOCHS["radon_recon"], PLATEAU["window"]
+    assert window == 10
+    scnn_loss = np.ones(epochs)
+    scnn_loss[reach_epoch - 6:] = 0.001
+    out = []
+    for seed in SEEDS:
+        out += [Run("radon_recon", "scnn", seed, None, scnn_loss, scnn_s_per_epoch * np.arange(1, epochs + 1), device),
+                Run("radon_recon", "cnn", seed, None, np.full(epochs, 0.5),
+                    np.linspace(cnn_total_s / epochs, cnn_total_s, epochs), device)]
+    return out
+
+
+
+def test_radon_speedup_rules_on_their_thresholds():
+    """speed-up in time: CNN time(5000) / SCNN time to the CNN's min loss >= (766 / 87) / 2;
+    in epochs: 5000 / that epoch >= 5. Exactly on the threshold holds, just below does not."""
+    def row(reach, cnn_total):
+        return paper_claims(brain_metrics(), _radon_speed_runs(reach, cnn_total), PLATEAU).set_index("claim_id")
+
+    # the SCNN reaches the CNN's minimum at epoch 348, after 348 x 0.5 = 174 s: 766 / 174 = (766 / 87) / 2
+    on = row(348, 766.0)
+    assert on.loc["radon_speedup_time", "measured_mean"] == 766.0 / 87.0 / 2
+    assert on.loc["radon_speedup_time", "seeds_met"] == 3 and on.loc["radon_speedup_time", "verdict"] == REPRODUCED
+    below = row(348, 765.0).loc["radon_speedup_time"]                     # 765 / 174 < 4.40
+    assert below["measured_mean"] < 766.0 / 87.0 / 2
+    assert below["seeds_met"] == 0 and below["verdict"] == NOT_REPRODUCED
+    # in epochs: reached at 1000 is the factor 5 of the rule, at 1001 it is not
+    on = row(1000, 766.0).loc["radon_speedup_epochs"]
+    assert on["measured_mean"] == 5.0 and on["verdict"] == REPRODUCED
+    below = row(1001, 766.0).loc["radon_speedup_epochs"]
+    assert below["seeds_met"] == 0 and below["verdict"] == NOT_REPRODUCED
+
+
+def test_radon_scnn_time_for_500_epochs_on_its_threshold():
+    """SCNN takes 87 s for 500 epochs: reproduced when its wall time at epoch 500 is at most
+    3 x 87 = 261 s (on a GPU), not when it is 261.5 s."""
+    def verdict_at(overhead_s):
+        runs = []
+        for seed in SEEDS:          # 0.5 s an epoch after a start-up of overhead_s: 250 s + overhead at epoch 500
+            for model in ("scnn", "cnn"):
+                runs.append(Run("radon_recon", model, seed, None, curve(500, 1.0, 0.01, 50),
+                                overhead_s + 0.5 * np.arange(1, 501), "cuda"))
+        return paper_claims(brain_metrics(), runs, PLATEAU).set_index("claim_id").loc["radon_time_scnn_500"]
+
+    on = verdict_at(11.0)
+    assert on["measured_mean"] == 87.0 * 3 and on["verdict"] == REPRODUCED
+    over = verdict_at(11.5)
+    assert over["measured_mean"] == 261.5 and over["seeds_met"] == 0 and over["verdict"] == NOT_REPRODUCED
+
+
+def test_assisted_vs_mlem_best_holds_on_a_tie():
+    """'at least as small as MLEM at its best iteration': a network resolving exactly MLEM's
+    smallest rod meets the rule (difference 0 mm >= 0); one rod size coarser does not."""
+    metrics, runs = assisted(scnn_smallest=3.5, cnn_smallest=5.5)
+    table = paper_claims(pd.concat([metrics, _mlem_rows(6.5, 3.5)]), runs, PLATEAU).set_index("claim_id")
+    tie = table.loc["assisted_scnn_vs_mlem_best"]
+    assert tie["measured_mean"] == 0.0 and tie["seeds_met"] == 3 and tie["verdict"] == REPRODUCED
+    assert table.loc["assisted_cnn_vs_mlem_best", "verdict"] == NOT_REPRODUCED          # 3.5 - 5.5 < 0
+    metrics, runs = assisted(scnn_smallest=4.5, cnn_smallest=5.5)
+    table = paper_claims(pd.concat([metrics, _mlem_rows(6.5, 4.5)]), runs, PLATEAU).set_index("claim_id")
+    assert table.loc["assisted_scnn_vs_mlem_best", "verdict"] == REPRODUCED              # 4.5 - 4.5 = 0
+    table = paper_claims(pd.concat([metrics, _mlem_rows(6.5, 3.5)]), runs, PLATEAU).set_index("claim_id")
+    assert table.loc["assisted_scnn_vs_mlem_best", "verdict"] == NOT_REPRODUCED          # 3.5 - 4.5 < 0
+
+
+def test_heldout_condition_holds_exactly_at_the_tolerance():
+    """H: the SCNN is no worse on held-out slices when the mean held-out PSNR difference is
+    >= -0.5 dB; exactly -0.5 dB passes, -0.5 dB and a little does not."""
+    better = {("scnn", "train"): 31.0, ("cnn", "train"): 30.0}
+    on = {**better, ("scnn", "heldout"): 29.5, ("cnn", "heldout"): 30.0}           # 29.5 - 30 = -0.5 exactly
+    table = paper_claims(brain_metrics(on), brain_runs(), PLATEAU).set_index("claim_id")
+    for claim in ("denoise_psnr_scnn_ge_cnn", "radon_recon_ssim_scnn_ge_cnn", "denoise_scnn1000_vs_cnn2000",
+                  "radon_min_loss_ratio", "radon_scnn500_vs_cnn_min", "radon_speedup_epochs"):
+        assert table.loc[claim, "verdict"] == REPRODUCED, claim
+        assert "held-out PSNR SCNN - CNN -0.50 dB" in table.loc[claim, "reason"], claim
+    across = {**better, ("scnn", "heldout"): 29.49, ("cnn", "heldout"): 30.0}
+    table = paper_claims(brain_metrics(across), brain_runs(), PLATEAU).set_index("claim_id")
+    for claim in ("denoise_psnr_scnn_ge_cnn", "denoise_scnn1000_vs_cnn2000", "radon_min_loss_ratio"):
+        assert table.loc[claim, "seeds_met"] == 3 and table.loc[claim, "verdict"] == NOT_REPRODUCED, claim
+
+
+def _staged(runs, stage, configuration, seed_offset=0, paper_consistent=True):
+    """``runs`` as ablation runs: ``configuration[model]`` of ``stage``, seeds shifted by ``seed_offset``."""
+    return [replace(r, seed=r.seed + seed_offset, stage=stage, configuration=configuration[r.model],
+                    paper_consistent=paper_consistent) for r in runs if r.model in configuration]
+
+
+def _staged_metrics(stage, configuration, seed_offset=0, psnr=None):
+    m = brain_metrics(psnr)
+    m = m[m["model"].isin(list(configuration))]
+    return m.assign(seed=m["seed"] + seed_offset, stage=stage, configuration=m["model"].map(configuration))
+
+
+def test_confirmation_runs_are_judged_in_their_own_scope():
+    """The ablation's verdict of record: the confirmation runs (stage ``confirm``, fresh seeds)
+    are judged as an SCNN-vs-CNN pairing of their own, scope ``confirmation``, with their
+    configurations named, apart from the paper-configuration runs."""
+    confirmed = {"scnn": "scnn_g8", "cnn": "cnn_w64"}
+    runs = brain_runs(scnn_fast=False) + _staged(brain_runs(scnn_fast=True), "confirm", confirmed, seed_offset=100)
+    metrics = pd.concat([brain_metrics(), _staged_metrics("confirm", confirmed, seed_offset=100)], ignore_index=True)
+    table = paper_claims(metrics, runs, PLATEAU)
+    assert set(table["scope"]) == {"paper configuration", "confirmation"}
+    conf = table[table["scope"] == "confirmation"].set_index("claim_id")
+    paper = table[table["scope"] == "paper configuration"].set_index("claim_id")
+    assert set(conf.index) == set(paper.index)
+    assert (conf["scnn_configuration"] == "scnn_g8").all() and (conf["cnn_configuration"] == "cnn_w64").all()
+    for claim in ("denoise_scnn1000_vs_cnn2000", "radon_min_loss_ratio", "radon_scnn500_vs_cnn_min"):
+        assert conf.loc[claim, "verdict"] == REPRODUCED and conf.loc[claim, "n"] == 3, claim
+        assert paper.loc[claim, "verdict"] == NOT_REPRODUCED, claim
+
+
+def test_grid_scope_shows_a_reproducing_configuration():
+    """Scope ``grid``: a claim is reproduced when some paper-consistent SCNN configuration
+    meets it against the CNN (``cnn_paper`` without a confirmation); the row shown is that
+    configuration, whichever its place among the configurations."""
+    slow = {"scnn": "scnn_a"}          # does not reproduce the loss claims
+    fast = {"scnn": "scnn_b"}          # does
+    cnn = {"cnn": "cnn_paper"}
+    runs = (_staged(brain_runs(scnn_fast=False), "grid", slow) + _staged(brain_runs(scnn_fast=True), "grid", fast)
+            + _staged(brain_runs(scnn_fast=True), "grid", cnn))
+    metrics = pd.concat([_staged_metrics("grid", c) for c in (slow, fast, cnn)], ignore_index=True)
+    table = paper_claims(metrics, runs, PLATEAU)
+    assert set(table["scope"]) == {"grid"} and (table["cnn_configuration"] == "cnn_paper").all()
+    grid = table.set_index("claim_id")
+    assert grid.index.is_unique
+    for claim in ("denoise_scnn1000_vs_cnn2000", "radon_min_loss_ratio", "radon_scnn500_vs_cnn_min"):
+        assert grid.loc[claim, "verdict"] == REPRODUCED, claim
+        assert grid.loc[claim, "scnn_configuration"] == "scnn_b", claim
+    # the slow configuration alone does not reproduce them: the verdict above is scnn_b's
+    alone = paper_claims(metrics, [r for r in runs if r.configuration != "scnn_b"], PLATEAU).set_index("claim_id")
+    assert alone.loc["denoise_scnn1000_vs_cnn2000", "verdict"] == NOT_REPRODUCED
