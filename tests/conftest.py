@@ -49,7 +49,7 @@ def crystal_box(scanner, rsector, module, crystal, layer, points_mm):
     """Whether each point lies in the crystal (DOI layer) its IDs name, and that crystal's centre.
 
     Computed from the scanner's numbers and GATE's ID convention alone (scanner.py module
-    doc), not through :class:`equipet.scanner.Scanner`'s own geometry methods, so that tests
+    doc), not through :class:`equipet.simulation.scanner.Scanner`'s own geometry methods, so that tests
     of ``locate`` and ``crystal_centres_mm`` do not check the code with itself. Inner radius:
     the inner corners of neighbouring modules meet, ``R = (n_y p / 2) / tan(pi / n_modules)``.
     Returns ``(inside (N,), centre (N, 3) mm)``; ``inside`` allows 1 um of rounding.

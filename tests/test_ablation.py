@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import REPO, copy_checkout
 
-from equipet import ablation
+from equipet.study import ablation
 from equipet.config import load_config
 from equipet.errors import ConfigError, InputDataError
 

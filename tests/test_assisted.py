@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from equipet.assisted import (ListmodeLeastSquaresLoss, ListmodePoissonLoss, NonNegativeOutput, PlateauStop,
+from equipet.assisted.methods import (ListmodeLeastSquaresLoss, ListmodePoissonLoss, NonNegativeOutput, PlateauStop,
                               SliceForwardModel, SubsetPoissonLoss, plateau_epoch, run_assisted)
-from equipet.projector import ImageGeometry, ListmodeTOFProjector, tof_fwhm_mm
-from equipet.rod_metrics import pair_vpr, valley_to_peak
+from equipet.reconstruction.projector import ImageGeometry, ListmodeTOFProjector, tof_fwhm_mm
+from equipet.assisted.rod_metrics import pair_vpr, valley_to_peak
 
 G2 = ImageGeometry((6, 5, 1), (2.0, 2.0, 1.0), (-5.0, -4.0, 0.0))
 
@@ -89,7 +89,7 @@ def test_valley_to_peak_known_profile_and_phantom_truth():
     rod = lambda c: (np.abs(t - c) <= 1.0).astype(float)  # noqa: E731  two 2 mm rods, 4 mm apart
     p = 0.2 + rod(4.0) + rod(8.0)        # peak 1.2, valley 0.2
     assert pair_vpr(t, p, 4.0, 8.0, 2.0) == pytest.approx(0.2 / 1.2)
-    from equipet.phantom import hot_rod_phantom
+    from equipet.simulation.phantom import hot_rod_phantom
 
     ph = hot_rod_phantom({})
     g = ImageGeometry.centred((250, 250, 1), (0.4, 0.4, 0.4))
@@ -103,8 +103,8 @@ def test_valley_to_peak_known_profile_and_phantom_truth():
 def write_tiny_slice(tmp_path, n=300):
     """A synthetic slice.npz (hot-rod truth on a 28 x 28 grid of 4 mm pixels, random in-plane
     LORs, a noisy early image and a 'converged' MLEM image equal to the truth) and its system.pt."""
-    from equipet.central_slice import slice_system_matrix
-    from equipet.phantom import hot_rod_phantom
+    from equipet.assisted.central_slice import slice_system_matrix
+    from equipet.simulation.phantom import hot_rod_phantom
 
     g = ImageGeometry((28, 28, 1), (4.0, 4.0, 0.8), (-54.0, -54.0, 0.4))
     ph = hot_rod_phantom({})
@@ -281,7 +281,7 @@ def test_subset_run_resumes_exactly_from_its_checkpoint(tmp_path, estimator):
     ends with the same losses and weights as the run that went through. SAGA: the table (empty in
     the fresh loss) is in the checkpoint. Plain gradient: no table is kept, and a checkpoint from
     before the table was SAGA-only (an unused zero table in it) resumes all the same."""
-    from equipet.training import TrainSettings, train
+    from equipet.networks.training import TrainSettings, train
 
     x = torch.rand(1, 1, 6, 5, generator=torch.Generator().manual_seed(3))
 
@@ -315,7 +315,7 @@ def test_subset_run_resumes_exactly_from_its_checkpoint(tmp_path, estimator):
 def test_non_negative_output_and_plateau_stop_in_training(tmp_path):
     """The softplus wrapper gives positive images; an early stop ends training, is recorded, and a
     rerun does not train on."""
-    from equipet.training import MSELoss, TrainSettings, train
+    from equipet.networks.training import MSELoss, TrainSettings, train
 
     net = NonNegativeOutput(torch.nn.Conv2d(1, 1, 3, padding=1))
     x = torch.randn(1, 1, 8, 8)
@@ -395,8 +395,8 @@ def count_identity(data, A, x):
 
 
 def poisson_method_loss(data, estimator, method="poisson"):
-    from equipet.assisted import build_loss, input_scale
-    from equipet.central_slice import slice_system_matrix
+    from equipet.assisted.methods import build_loss, input_scale
+    from equipet.assisted.central_slice import slice_system_matrix
 
     cfg = tiny_config(subset_events=300, variance_reduction=estimator)
     c = input_scale(data["early"])

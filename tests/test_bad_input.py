@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from equipet.config import validate
-from equipet.gate_root import CoincidenceWriter
-from equipet.listmode import simulate_true_events
-from equipet.mlem import mlem_main, save_nifti, sensitivity_main
-from equipet.projector import ImageGeometry
-from equipet.recon_metrics import main as metrics_main
-from equipet.scanner import Scanner
+from equipet.simulation.gate_root import CoincidenceWriter
+from equipet.reconstruction.listmode import simulate_true_events
+from equipet.reconstruction.mlem import mlem_main, save_nifti, sensitivity_main
+from equipet.reconstruction.projector import ImageGeometry
+from equipet.reconstruction.recon_metrics import main as metrics_main
+from equipet.simulation.scanner import Scanner
 
 SMALL = Scanner(rings=2, modules_per_ring=24, pixels_transaxial=8, pixels_axial=4, pixel_size_mm=2.1,
                 pixel_gap_mm=0.0, crystal_thickness_mm=20.0, doi_layers=2, inner_radius_mm=None,

@@ -1,4 +1,4 @@
-"""Tests of equipet.brain: sources, orientation, slice choice, crop/disk geometry, CLI."""
+"""Tests of equipet.brain.image: sources, orientation, slice choice, crop/disk geometry, CLI."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from skimage import io
 
-import equipet.brain as brain
-from equipet.brain import BrainSlices, brain_slices, disk_mask, load_brain_volume
+import equipet.brain.image as brain
+from equipet.brain.image import BrainSlices, brain_slices, disk_mask, load_brain_volume
 from equipet.errors import ConfigError, InputDataError
 
 SIZE = 64

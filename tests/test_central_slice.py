@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from equipet.central_slice import (lors_crossing, out_of_slab_projection, sample_slice_lors, slab_range,
+from equipet.assisted.central_slice import (lors_crossing, out_of_slab_projection, sample_slice_lors, slab_range,
                                    slice_geometry)
 from equipet.errors import ConfigError
-from equipet.projector import ImageGeometry, ListmodeTOFProjector, tof_fwhm_mm
-from equipet.scanner import Scanner
+from equipet.reconstruction.projector import ImageGeometry, ListmodeTOFProjector, tof_fwhm_mm
+from equipet.simulation.scanner import Scanner
 
 GEOM = ImageGeometry.centred((20, 18, 6), (1.0, 1.0, 1.0))
 SMALL = Scanner(rings=2, modules_per_ring=24, pixels_transaxial=8, pixels_axial=4, pixel_size_mm=2.1,

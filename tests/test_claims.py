@@ -6,16 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from equipet.claims import (
-    NOT_COMPARABLE,
-    NOT_REPRODUCED,
-    PAPER_EPOCHS,
-    REPRODUCED,
-    Run,
-    loss_instability,
-    paper_claims,
-    smallest_resolved,
-)
+from equipet.study.claims import NOT_COMPARABLE, NOT_REPRODUCED, PAPER_EPOCHS, REPRODUCED, Run, paper_claims, smallest_resolved
+from equipet.study.ablation import loss_instability
 
 PLATEAU = {"window": 10, "tolerance": 0.05}
 RODS = [6.5, 5.5, 4.5, 3.5, 2.2, 1.6]

@@ -1,4 +1,4 @@
-"""Randoms and scatter estimates against the simulation's labels (equipet.corrections)."""
+"""Randoms and scatter estimates against the simulation's labels (equipet.reconstruction.corrections)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from equipet.config import schema_defaults
-from equipet.corrections import SinglesModel, prompts_per_element
-from equipet.gate_root import classify
-from equipet.montecarlo import AcquisitionSettings, Simulator
-from equipet.phantom import hot_rod_phantom
-from equipet.scanner import Scanner
+from equipet.reconstruction.corrections import SinglesModel, prompts_per_element
+from equipet.simulation.gate_root import classify
+from equipet.simulation.montecarlo import AcquisitionSettings, Simulator
+from equipet.simulation.phantom import hot_rod_phantom
+from equipet.simulation.scanner import Scanner
 
 #: a one-ring scanner of 8 modules (radius 38.6 mm) with a 50 ns window: about 7% randoms
 SMALL = Scanner.from_config({**schema_defaults("scanner"), "rings": 1, "modules_per_ring": 8,
@@ -81,7 +81,7 @@ def _default_scanner() -> Scanner:
 @pytest.fixture(scope="module")
 def phantom_acquisition():
     """The hot-rod phantom in water on the paper's scanner, 80 s (about 3.3e6 decays, 12% scatter)."""
-    from equipet.montecarlo import simulator_from_settings
+    from equipet.simulation.montecarlo import simulator_from_settings
 
     cfg = {"scanner": schema_defaults("scanner"), "phantom": {},
            "acquisition": {"duration_s": 80.0, "n_jobs": 1, "seed": 11}}
@@ -90,16 +90,16 @@ def phantom_acquisition():
 
 
 def test_monte_carlo_scatter_matches_labelled_scatter(phantom_acquisition):
-    from equipet.corrections import ScatterBins, estimate_scatter, lor_coordinates, pair_measure
-    from equipet.listmode import lor_endpoints_mm, tof_offset_mm
-    from equipet.mlem import _box_with_halo, lor_hits_box
-    from equipet.projector import ImageGeometry, tof_fwhm_mm
+    from equipet.reconstruction.corrections import ScatterBins, estimate_scatter, lor_coordinates, pair_measure
+    from equipet.reconstruction.listmode import lor_endpoints_mm, tof_offset_mm
+    from equipet.reconstruction.geometry import box_with_halo, lor_hits_box
+    from equipet.reconstruction.projector import ImageGeometry, tof_fwhm_mm
 
     sim, run = phantom_acquisition
     sc = sim.scanner
     d = run["data"]
     geom = ImageGeometry.from_fov([104.0, 104.0, 20.0], 0.8)     # the whole water cylinder
-    lo, hi = _box_with_halo(geom)
+    lo, hi = box_with_halo(geom)
     p1, p2 = lor_endpoints_mm(d, sc, "crystal")
     box = lor_hits_box(p1, p2, lo, hi)
     labels = classify(d)
@@ -136,9 +136,9 @@ def test_randoms_additive_term_is_the_density_over_n_e(tmp_path):
     a known crystal-pair efficiency ``n_e = h(layer_i) h(layer_j)`` (no attenuation)."""
     import torch
 
-    from equipet.listmode import read_listmode
-    from equipet.mlem import ImageGeometry, prompt_corrections
-    from equipet.normalisation import Normalisation, n_classes
+    from equipet.reconstruction.listmode import read_listmode
+    from equipet.reconstruction.mlem import ImageGeometry, prompt_corrections
+    from equipet.reconstruction.normalisation import Normalisation, n_classes
 
     acq_cfg = {"duration_s": 0.5, "n_jobs": 1, "seed": 5}
     acq = AcquisitionSettings.from_config(acq_cfg)
@@ -157,7 +157,7 @@ def test_randoms_additive_term_is_the_density_over_n_e(tmp_path):
     additive, _ = prompt_corrections(["randoms"], {"acquisition": acq_cfg}, SMALL, mlem,
                                      schema_defaults("phantom"), root, ev, prompts_el, geom,
                                      torch.ones(geom.shape), 200.0, torch.device("cpu"), None, efficiency)
-    from equipet.gate_root import read_coincidences, read_singles_counts
+    from equipet.simulation.gate_root import read_coincidences, read_singles_counts
 
     d = read_coincidences(root, ["layerID1", "layerID2"])
     n_e = layer_h[d["layerID1"]] * layer_h[d["layerID2"]]

@@ -1,4 +1,4 @@
-"""The run-time estimate (equipet.estimate): its jobs are Snakemake's, its times scale with the config."""
+"""The run-time estimate (equipet.study.estimate): its jobs are Snakemake's, its times scale with the config."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import copy_checkout
-from equipet import estimate as est
+from equipet.study import estimate as est
 
 DRY_RUN = """\
 rule train_brain:

@@ -1,4 +1,4 @@
-"""GATE 9.3+ macro set (equipet.gate_macros) and the gate backend's command (equipet.gate_backend)."""
+"""GATE 9.3+ macro set (equipet.simulation.gate_macros) and the gate backend's command (equipet.simulation.gate_backend)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from equipet.errors import ConfigError
-from equipet.gate_backend import gate_command, main as gate_run_main, run_gate_job
-from equipet.gate_macros import write_macros
+from equipet.simulation.gate_backend import gate_command, main as gate_run_main, run_gate_job
+from equipet.simulation.gate_macros import write_macros
 from equipet.config import schema_defaults
-from equipet.phantom import hot_rod_phantom
+from equipet.simulation.phantom import hot_rod_phantom
 
 VOL = r"[A-Za-z][A-Za-z0-9_]*"
 NUM = r"-?[0-9.eE+-]+"
@@ -193,13 +193,13 @@ def test_gate_job_runs_a_gate_executable_and_collects_its_root_file(macros, tmp_
     import stat
     import sys
 
-    from equipet.gate_root import read_coincidences
+    from equipet.simulation.gate_root import read_coincidences
 
     fake = tmp_path / "FakeGate"
     fake.write_text(
         f"#!{sys.executable}\n"
         "import re, sys, numpy as np\n"
-        "from equipet.gate_root import CoincidenceWriter\n"
+        "from equipet.simulation.gate_root import CoincidenceWriter\n"
         "name = re.search(r'setFileName (\\S+)', open(sys.argv[-1]).read()).group(1)\n"
         "with CoincidenceWriter(name + '.root') as w:\n"
         "    w.write({k: np.zeros(3) for k in ('eventID1', 'eventID2', 'time1', 'time2', 'energy1', 'energy2',"

@@ -1,4 +1,4 @@
-"""GATE ROOT Coincidences tree: writer, validated chunked reader, merge (equipet.gate_root)."""
+"""GATE ROOT Coincidences tree: writer, validated chunked reader, merge (equipet.simulation.gate_root)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import uproot
 
 from equipet.errors import InputDataError
-from equipet.gate_root import (BRANCHES, CoincidenceWriter, count_coincidences, iter_coincidences, merge_main,
+from equipet.simulation.gate_root import (BRANCHES, CoincidenceWriter, count_coincidences, iter_coincidences, merge_main,
                                merge_root, read_coincidences, read_meta)
 
 
@@ -142,7 +142,7 @@ def test_merge_offsets_event_ids(tmp_path):
 
 
 def test_merge_cli_and_counts_table(tmp_path):
-    from equipet.gate_root import counts_table_main
+    from equipet.simulation.gate_root import counts_table_main
 
     p = tmp_path / "p.root"
     with CoincidenceWriter(p, meta={"n_decays": 10}) as w:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from equipet.errors import ConfigError, InputDataError
-from equipet.listmode import (C_MM_PER_S, branches_needed, convert_chunk, read_listmode, select_mask,
+from equipet.reconstruction.listmode import (C_MM_PER_S, branches_needed, convert_chunk, read_listmode, select_mask,
                               simulate_true_events, tof_offset_mm, tof_sign_residual_mm)
-from equipet.scanner import Scanner
+from equipet.simulation.scanner import Scanner
 from conftest import crystal_box
 
 SCANNER = Scanner(rings=5, modules_per_ring=44, pixels_transaxial=24, pixels_axial=24, pixel_size_mm=2.1,
@@ -84,7 +84,7 @@ def test_bad_modes_are_config_errors():
 
 
 def test_read_root_in_chunks_equals_one_pass(tmp_path):
-    from equipet.gate_root import CoincidenceWriter
+    from equipet.simulation.gate_root import CoincidenceWriter
 
     rng = np.random.default_rng(2)
     chunk = simulate_true_events(SCANNER, rng.normal(0, 20, (3000, 3)), 200.0, rng, 0.2)

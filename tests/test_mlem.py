@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from equipet.errors import InputDataError
-from equipet.listmode import convert_chunk, simulate_true_events
-from equipet.mlem import (candidate_rsector_offsets, listmode_mlem, load_sensitivity, lor_hits_box,
-                          save_nifti, sensitivity_image)
-from equipet.projector import ImageGeometry, tof_fwhm_mm
-from equipet.scanner import Scanner
+from equipet.reconstruction.listmode import convert_chunk, simulate_true_events
+from equipet.reconstruction.geometry import candidate_rsector_offsets, lor_hits_box
+from equipet.reconstruction.mlem import listmode_mlem, load_sensitivity, save_nifti, sensitivity_image
+from equipet.reconstruction.projector import ImageGeometry, tof_fwhm_mm
+from equipet.simulation.scanner import Scanner
 
 # a small ring (radius 64 mm, 16.8 mm long) so that tests take seconds
 SMALL = Scanner(rings=2, modules_per_ring=24, pixels_transaxial=8, pixels_axial=4, pixel_size_mm=2.1,
@@ -75,7 +75,7 @@ def test_candidate_offsets_cover_all_lors_through_fov():
 
 def test_sensitivity_unbiased_against_exhaustive_sum():
     """The Monte Carlo sensitivity matches the exact sum over all crystal pairs (a tiny scanner)."""
-    from equipet.projector import ListmodeTOFProjector
+    from equipet.reconstruction.projector import ListmodeTOFProjector
 
     tiny = Scanner(rings=1, modules_per_ring=12, pixels_transaxial=4, pixels_axial=2, pixel_size_mm=4.0,
                    pixel_gap_mm=0.0, crystal_thickness_mm=10.0, doi_layers=1, inner_radius_mm=None,
@@ -139,7 +139,7 @@ def expected_point_fwhm_mm(scanner, r_mm, acollinearity_fwhm_deg, voxel_mm, doi_
 
 def _likelihood(p1, p2, tof, sens, x, fwhm):
     """Poisson list-mode log-likelihood sum_e log (A x)_e - sum_j s_j x_j (constants dropped)."""
-    from equipet.projector import ListmodeTOFProjector
+    from equipet.reconstruction.projector import ListmodeTOFProjector
 
     ax = ListmodeTOFProjector(GEOM, p1, p2, tof, fwhm).apply(x)
     return float(torch.log(ax[ax > 0].double()).sum() - (sens.double() * x.double()).sum())
@@ -209,8 +209,8 @@ def test_hot_rod_contrast_improves_with_ctr_on_the_same_events():
     timing noise scales with the CTR): at 2 OSEM iterations (4 subsets) the contrast recovery
     of every rod size of 3.5 mm and above increases as the CTR improves, and larger rods
     recover more than the smallest."""
-    from equipet.phantom import hot_rod_phantom
-    from equipet.recon_metrics import contrast_metrics, roi_masks
+    from equipet.simulation.phantom import hot_rod_phantom
+    from equipet.reconstruction.recon_metrics import contrast_metrics, roi_masks
 
     scanner = Scanner(rings=5, modules_per_ring=44, pixels_transaxial=24, pixels_axial=24, pixel_size_mm=2.1,
                       pixel_gap_mm=0.0, crystal_thickness_mm=20.0, doi_layers=2, inner_radius_mm=None,
@@ -247,8 +247,8 @@ def test_resolved_metric_flips_at_the_predicted_rod_size():
     from scipy.ndimage import gaussian_filter
 
     from equipet.config import schema_defaults
-    from equipet.phantom import hot_rod_phantom
-    from equipet.rod_metrics import SliceScorer
+    from equipet.simulation.phantom import hot_rod_phantom
+    from equipet.assisted.rod_metrics import SliceScorer
 
     fwhm = 3.0
     ph = hot_rod_phantom({})
@@ -298,8 +298,8 @@ def test_symmetrised_sensitivity_is_closer_to_the_exact_sum():
     than the plain one by at least 2x in per-voxel RMS (16 symmetries: sqrt(16) = 4 ideally),
     and unbiased (total within 2%). A wrong symmetry op leaves a systematic error that
     averaging cannot remove."""
-    from equipet.mlem import symmetry_ops
-    from equipet.projector import ListmodeTOFProjector
+    from equipet.reconstruction.mlem import symmetry_ops
+    from equipet.reconstruction.projector import ListmodeTOFProjector
 
     tiny = Scanner(rings=1, modules_per_ring=12, pixels_transaxial=4, pixels_axial=2, pixel_size_mm=4.0,
                    pixel_gap_mm=0.0, crystal_thickness_mm=10.0, doi_layers=1, inner_radius_mm=None,
@@ -329,10 +329,10 @@ def test_command_line_stages_end_to_end(tmp_path):
     import pandas as pd
 
     from equipet.config import validate
-    from equipet.gate_root import CoincidenceWriter
-    from equipet.mlem import mlem_main, sensitivity_main
-    from equipet.psf import blurred_truth_main, psf_main
-    from equipet.recon_metrics import main as metrics_main
+    from equipet.simulation.gate_root import CoincidenceWriter
+    from equipet.reconstruction.mlem import mlem_main, sensitivity_main
+    from equipet.reconstruction.psf import blurred_truth_main, psf_main
+    from equipet.reconstruction.recon_metrics import main as metrics_main
 
     scanner = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(SMALL).items()}
     cfg = validate({"scanner": scanner, "device": "cpu", "results_dir": str(tmp_path),
@@ -408,7 +408,7 @@ def test_additive_term_reaches_the_analytic_fixed_point():
     n1, n2 = 7, 5
     p1 = torch.tensor([[-50.0, 0.0, 0.0]], dtype=torch.float64).repeat(n1 + n2, 1)
     p2 = -p1
-    from equipet.projector import ListmodeTOFProjector
+    from equipet.reconstruction.projector import ListmodeTOFProjector
 
     a = float(ListmodeTOFProjector(g, p1[:1], p2[:1]).apply(torch.ones(g.shape, dtype=torch.float64))[0])
     b1, b2, s = 0.5 * a, 3.0 * a, 2.0
@@ -427,7 +427,7 @@ def test_additive_term_matches_a_dense_reference_with_subsets():
     """OSEM with per-event additive terms (3 subsets, TOF) equals a dense-matrix implementation of
     ``x <- x / (s/M) * A_m^T (1 / (A_m x + b_m))``, subset ``m`` = events ``m, m + M, ...``: each
     event keeps its own ``b_e`` through the reordering into subsets."""
-    from equipet.projector import ListmodeTOFProjector
+    from equipet.reconstruction.projector import ListmodeTOFProjector
 
     g = ImageGeometry.centred((6, 6, 1), 2.0)
     rng = np.random.default_rng(11)
@@ -466,11 +466,11 @@ def test_tof_kernel_width_with_doi_matches_simulated_residuals():
     the CTR alone is more than 10% too narrow. Widths compared as standard deviations (residuals
     within 5 sigma of the median), the quantity that adds in quadrature."""
     from equipet.config import schema_defaults
-    from equipet.listmode import lor_endpoints_mm, tof_offset_mm
-    from equipet.mlem import tof_kernel_fwhm_mm
-    from equipet.montecarlo import AcquisitionSettings, Simulator
-    from equipet.normalisation import BlankScan, doi_tof_sigma_mm
-    from equipet.phantom import hot_rod_phantom
+    from equipet.reconstruction.listmode import lor_endpoints_mm, tof_offset_mm
+    from equipet.reconstruction.mlem import tof_kernel_fwhm_mm
+    from equipet.simulation.montecarlo import AcquisitionSettings, Simulator
+    from equipet.reconstruction.normalisation import BlankScan, doi_tof_sigma_mm
+    from equipet.simulation.phantom import hot_rod_phantom
 
     sc = Scanner.from_config(schema_defaults("scanner"))
     _, _, blank_resid = BlankScan(75.0, 1_000_000, seed=3).simulate(sc, with_doi_residual=True)

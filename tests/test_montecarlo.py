@@ -1,4 +1,4 @@
-"""Physics checks of the embedded Monte Carlo (equipet.montecarlo)."""
+"""Physics checks of the embedded Monte Carlo (equipet.simulation.montecarlo)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from equipet.gate_root import C_MM_PER_S, classify, lor_endpoints_mm, read_coincidences, read_meta, tof_offset_mm
-from equipet.montecarlo import (AcquisitionSettings, Simulator, kn_total_relative, rotate_directions,
+from equipet.simulation.gate_root import C_MM_PER_S, classify, lor_endpoints_mm, read_coincidences, read_meta, tof_offset_mm
+from equipet.simulation.montecarlo import (AcquisitionSettings, Simulator, kn_total_relative, rotate_directions,
                                 sample_klein_nishina, simulator_from_settings)
 from equipet.config import schema_defaults
-from equipet.phantom import hot_rod_phantom
-from equipet.scanner import Scanner
+from equipet.simulation.phantom import hot_rod_phantom
+from equipet.simulation.scanner import Scanner
 from conftest import crystal_box
 
 SOURCE_MM = np.array([30.0, -20.0, 4.0])
@@ -300,7 +300,7 @@ def test_randoms_scale_with_activity_squared_and_can_be_switched_off():
 
 
 def test_split_jobs_match_unsplit_run_within_poisson_noise(tmp_path):
-    from equipet.gate_root import merge_root
+    from equipet.simulation.gate_root import merge_root
 
     one = point_source_sim(activity_bq=5e4, duration_s=2.0, randoms=False).run_job(0, 100.0, progress=False)
     sim = point_source_sim(activity_bq=5e4, duration_s=2.0, randoms=False, n_jobs=3)
@@ -331,7 +331,7 @@ def test_file_written_equals_events_in_memory(tmp_path):
 def test_cli_writes_a_job_file(tmp_path):
     import json
 
-    from equipet.montecarlo import main
+    from equipet.simulation.montecarlo import main
 
     cfg = {"scanner": schema_defaults("scanner"), "phantom": schema_defaults("phantom"),
            "acquisition": {**schema_defaults("acquisition"), "duration_s": 0.5, "n_jobs": 2}}
@@ -441,7 +441,7 @@ def test_acollinearity_models(model, per_component):
     """The two sampling models: each projected component of the deviation has the configured FWHM
     and is Gaussian (FWHM from the standard deviation and from the interquartile range agree) with
     ``projected``, the default; GATE 9's old sampling (``gate9``) gives 1/sqrt(2) of the spread."""
-    from equipet.montecarlo import acollinear_partner, isotropic
+    from equipet.simulation.montecarlo import acollinear_partner, isotropic
 
     defaults = AcquisitionSettings.from_config()
     assert defaults.acollinearity_model == "projected"

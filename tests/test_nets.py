@@ -1,4 +1,4 @@
-"""Tests of equipet.nets: equivariance of the SCNN, the CNN baseline, parameter counts, group actions."""
+"""Tests of equipet.networks.nets: equivariance of the SCNN, the CNN baseline, parameter counts, group actions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from equipet.nets import (
+from equipet.networks.nets import (
     CNN,
     SCNN,
     build_model,
@@ -16,7 +16,7 @@ from equipet.nets import (
     rotate_image,
     smooth_test_image,
 )
-from equipet.training import MSELoss, TrainSettings, seed_everything, train
+from equipet.networks.training import MSELoss, TrainSettings, seed_everything, train
 
 DEFAULT_MODELS = {
     "scnn": {"group": "C", "order": 8, "fields": 8, "kernel_size": 3},
@@ -263,7 +263,7 @@ def test_rotate_image_properties():
 def test_docstring_examples():
     import doctest
 
-    import equipet.nets
+    import equipet.networks.nets
 
-    result = doctest.testmod(equipet.nets)
+    result = doctest.testmod(equipet.networks.nets)
     assert result.attempted > 10 and result.failed == 0

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from equipet.normalisation import (BlankScan, Normalisation, class_pair_chords, class_pair_counts,
+from equipet.reconstruction.normalisation import (BlankScan, Normalisation, class_pair_chords, class_pair_counts,
                                    cylinder_chord_mm, fit_components, n_classes)
-from equipet.projector import ImageGeometry, ListmodeTOFProjector
-from equipet.scanner import Scanner
+from equipet.reconstruction.projector import ImageGeometry, ListmodeTOFProjector
+from equipet.simulation.scanner import Scanner
 
 # the small ring of tests/test_mlem.py (radius 64 mm, 8 crystal rings, 2 DOI layers)
 SMALL = Scanner(rings=2, modules_per_ring=24, pixels_transaxial=8, pixels_axial=4, pixel_size_mm=2.1,
@@ -64,7 +64,7 @@ def test_normalisation_predicts_an_independent_long_blank_scan():
 
 def test_sensitivity_with_efficiency_matches_exhaustive_sum():
     """``s_j = sum_L n_L a_Lj``: the Monte Carlo sensitivity with efficiencies against the exact sum."""
-    from equipet.mlem import sensitivity_image
+    from equipet.reconstruction.mlem import sensitivity_image
 
     tiny = Scanner(rings=1, modules_per_ring=12, pixels_transaxial=4, pixels_axial=2, pixel_size_mm=4.0,
                    pixel_gap_mm=0.0, crystal_thickness_mm=10.0, doi_layers=2, inner_radius_mm=None,
@@ -90,8 +90,8 @@ def test_sensitivity_with_efficiency_matches_exhaustive_sum():
 def test_normalisation_and_sensitivity_command_line(tmp_path):
     """equipet-normalisation -> equipet-sensitivity --normalisation; a stale normalisation is refused."""
     from equipet.config import validate
-    from equipet.mlem import sensitivity_main
-    from equipet.normalisation import main as normalisation_main
+    from equipet.reconstruction.mlem import sensitivity_main
+    from equipet.reconstruction.normalisation import main as normalisation_main
 
     scanner = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(SMALL).items()}
     cfg = validate({"scanner": scanner, "device": "cpu", "results_dir": str(tmp_path),

@@ -1,4 +1,4 @@
-"""The hot-rod phantom: geometry, voxelisation, decay sampling, Fig. 1 (equipet.phantom)."""
+"""The hot-rod phantom: geometry, voxelisation, decay sampling, Fig. 1 (equipet.simulation.phantom)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from equipet.phantom import HotRodPhantom, hot_rod_phantom
+from equipet.simulation.phantom import HotRodPhantom, hot_rod_phantom
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_cli_writes_maps_rods_and_fig1(tmp_path):
     import nibabel as nib
 
     from equipet.config import schema_defaults
-    from equipet.phantom import main
+    from equipet.simulation.phantom import main
 
     cfg = {"phantom": {**schema_defaults("phantom"), "truth_voxel_size_mm": 2.0}}
     main(["--settings", json.dumps(cfg), "--activity", str(tmp_path / "a.nii.gz"), "--mu", str(tmp_path / "m.nii.gz"),

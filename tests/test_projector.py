@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from equipet.projector import (ImageGeometry, ListmodeTOFProjector, reference_forward_per_event,
+from equipet.reconstruction.projector import (ImageGeometry, ListmodeTOFProjector, reference_forward_per_event,
                                tof_fwhm_mm)
 
 

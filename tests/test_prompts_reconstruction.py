@@ -30,17 +30,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from equipet.central_slice import extract_slice
-from equipet.gate_root import merge_main
-from equipet.mlem import mlem_main, sensitivity_main
-from equipet.montecarlo import main as simulate_main
-from equipet.normalisation import main as normalisation_main
-from equipet.recon_metrics import main as metrics_main
+from equipet.assisted.central_slice import extract_slice
+from equipet.simulation.gate_root import merge_main
+from equipet.reconstruction.mlem import mlem_main, sensitivity_main
+from equipet.simulation.montecarlo import main as simulate_main
+from equipet.reconstruction.normalisation import main as normalisation_main
+from equipet.reconstruction.recon_metrics import main as metrics_main
 
 CTR = "100"
 
 
-def _settings(path, cfg):
+def stage_settings(path, cfg):
     path.write_text(json.dumps(cfg))
     return f"@{path}"
 
@@ -54,7 +54,7 @@ def reconstructions(tmp_path_factory, quick_config):
     cfg["phantom"].update(diameter_mm=300.0, active_diameter_mm=280.0, length_mm=60.0, rod_length_mm=10.0)
     cfg["mlem"].update(fov_mm=[304.0, 304.0, 12.0], voxel_size_mm=2.0)
     cfg["acquisition"].update(activity_scale=50.0, duration_s=0.64)
-    base = _settings(tmp / "settings_all.json", cfg)
+    base = stage_settings(tmp / "settings_all.json", cfg)
     parts = []
     for job in range(cfg["acquisition"]["n_jobs"]):
         parts.append(tmp / f"job{job}.root")
@@ -70,7 +70,7 @@ def reconstructions(tmp_path_factory, quick_config):
     for name, (events, corrections) in variants.items():
         c = copy.deepcopy(cfg)
         c["mlem"].update(events=events, corrections=corrections)
-        s = _settings(tmp / f"settings_{name}.json", c)
+        s = stage_settings(tmp / f"settings_{name}.json", c)
         out = tmp / name
         mlem_main(["--settings", s, "--coincidences", str(root), "--sensitivity", str(sens), "--ctr-ps", CTR,
                    "--out-dir", str(out), "--threads", "2", "--normalisation", str(norm)])
@@ -142,8 +142,8 @@ def test_central_slice_carries_the_additive_term_of_each_event(reconstructions):
     assert np.allclose(data["background"], data["background_out_of_slab"] + data["background_additive"])
     assert data["background_additive"].min() > 0
     # match each slice event to the event MLEM read (same LOR ends and TOF offset)
-    from equipet.listmode import read_listmode
-    from equipet.scanner import Scanner
+    from equipet.reconstruction.listmode import read_listmode
+    from equipet.simulation.scanner import Scanner
 
     ev = read_listmode(root, Scanner.from_config(c["scanner"]), "all", c["mlem"]["lor_endpoints"], None, 10**6)
     key = {(*np.round(a, 3), np.round(t, 3)): i for i, (a, t) in

@@ -1,14 +1,14 @@
-"""The measured point-source response (equipet.psf) and the CRC of the truth blurred with it."""
+"""The measured point-source response (equipet.reconstruction.psf) and the CRC of the truth blurred with it."""
 
 import numpy as np
 import pytest
 import torch
 
 from equipet.config import schema_defaults
-from equipet.mlem import sensitivity_image, tof_kernel_fwhm_mm
-from equipet.projector import ImageGeometry
-from equipet.psf import blurred_truth_rows, measure_psf
-from equipet.recon_metrics import phantom_rois, phantom_truth
+from equipet.reconstruction.mlem import sensitivity_image, tof_kernel_fwhm_mm
+from equipet.reconstruction.projector import ImageGeometry
+from equipet.reconstruction.psf import blurred_truth_rows, measure_psf
+from equipet.reconstruction.recon_metrics import phantom_rois, phantom_truth
 from test_mlem import SMALL, expected_point_fwhm_mm
 
 GEOM = ImageGeometry.from_fov((40.0, 40.0, 6.4), 0.8)
@@ -75,7 +75,7 @@ def test_fit_recovers_a_voxel_averaged_gaussian_and_refuses_an_undetermined_widt
     instead, z is fitted as well."""
     from scipy.stats import norm
 
-    from equipet.psf import fit_fwhm_mm
+    from equipet.reconstruction.psf import fit_fwhm_mm
 
     g = ImageGeometry.centred((31, 31, 9), 0.8)
     axis = [g.origin_mm[a] + 0.8 * np.arange(n) for a, n in enumerate(g.shape)]

@@ -1,4 +1,4 @@
-"""Tests of equipet.radon: agreement with skimage, adjointness, gradients, FBP, Poisson noise."""
+"""Tests of equipet.brain.radon: agreement with skimage, adjointness, gradients, FBP, Poisson noise."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from skimage.data import shepp_logan_phantom
 from skimage.transform import radon, resize
 
-from equipet.brain import disk_mask
+from equipet.brain.image import disk_mask
 from equipet.errors import ConfigError
-from equipet.radon import RadonTransform, backprojection, fbp, poisson_sinogram, projection_angles
+from equipet.brain.radon import RadonTransform, backprojection, fbp, poisson_sinogram, projection_angles
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from equipet.projector import ImageGeometry
-from equipet.recon_metrics import contrast_metrics, metrics_rows, phantom_rois, roi_masks
+from equipet.reconstruction.projector import ImageGeometry
+from equipet.reconstruction.recon_metrics import contrast_metrics, metrics_rows, phantom_rois, roi_masks
 
 GEOM = ImageGeometry.from_fov((104.0, 104.0, 4.0), 0.8)
 RODS = np.array([[30.0, 0.0, 6.5], [-30.0, 0.0, 6.5], [0.0, 30.0, 2.2]])
@@ -67,7 +67,7 @@ def test_tidy_rows_and_phantom_rois():
     assert ratio == pytest.approx(10.0)
     assert sorted(rods, reverse=True) == [6.5, 5.5, 4.5, 3.5, 2.2, 1.6]
     assert bkg.sum() > 1000
-    from equipet.phantom import hot_rod_phantom
+    from equipet.simulation.phantom import hot_rod_phantom
 
     ph = hot_rod_phantom({})
     truth = ph.voxelise(0.8, shape=geom.shape).activity_bq_per_ml
@@ -89,7 +89,7 @@ def test_blurred_truth_crc_of_a_long_rod_matches_the_analytic_disk_in_gaussian()
     from scipy.integrate import quad
     from scipy.special import j1
 
-    from equipet.recon_metrics import reference_ratios
+    from equipet.reconstruction.recon_metrics import reference_ratios
 
     g = ImageGeometry.from_fov((16.0, 16.0, 0.05), 0.05)
     c = g.voxel_centres_mm()
@@ -109,7 +109,7 @@ def test_blurred_truth_crc_of_a_long_rod_matches_the_analytic_disk_in_gaussian()
 
 @pytest.fixture(scope="module")
 def phantom_grid():
-    from equipet.recon_metrics import phantom_truth
+    from equipet.reconstruction.recon_metrics import phantom_truth
 
     g = ImageGeometry.from_fov((104.0, 104.0, 12.8), 0.8)
     rods, bkg, ratio = phantom_rois({}, g, {"roi_diameter_fraction": 1.0, "background_margin_mm": 2.0,
@@ -120,7 +120,7 @@ def phantom_grid():
 def test_blurred_truth_image_has_crc_fraction_one(phantom_grid):
     """An image equal to the truth blurred with the reference FWHM gives crc_fraction = 1 for every
     rod, and its crc_blurred_truth rows equal the image's own CRC."""
-    from equipet.recon_metrics import blur_gaussian, reference_ratios
+    from equipet.reconstruction.recon_metrics import blur_gaussian, reference_ratios
 
     g, truth, rods, bkg, ratio = phantom_grid
     ref = {2.0: reference_ratios(truth, rods, bkg, 2.0, g.voxel_size_mm)}
@@ -139,7 +139,7 @@ def test_wider_blur_recovers_less_and_small_rods_least(phantom_grid):
     with the FWHM. The 1.6 mm rods are exempt from the rise of crc_fraction: at their 3.2 mm
     pitch the wider blur also brings in their neighbours' activity (measured 0.69 against 0.61
     for the 2.2 mm rods), which an isolated rod would not (see the analytic test above)."""
-    from equipet.recon_metrics import blur_gaussian, blurred_crc, reference_ratios
+    from equipet.reconstruction.recon_metrics import blur_gaussian, blurred_crc, reference_ratios
 
     g, truth, rods, bkg, ratio = phantom_grid
     img = blur_gaussian(truth, 3.0, g.voxel_size_mm)

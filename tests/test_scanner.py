@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from equipet.scanner import Scanner
+from equipet.simulation.scanner import Scanner
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from equipet.projector import ImageGeometry, ListmodeTOFProjector
+from equipet.reconstruction.projector import ImageGeometry, ListmodeTOFProjector
 
 #: speed of light in mm/ns, typed here (not taken from the package)
 C_MM_PER_NS = 299.792458
@@ -105,8 +105,8 @@ def test_doi_widened_kernel_fwhm(ctr_ps, doi_sigma_mm):
     (without a measured sigma: layers of thickness d, uniform depths at both ends, sigma^2 = d^2/24),
     and the projector given that FWHM yields a measured profile of that FWHM."""
     from equipet.config import schema_defaults
-    from equipet.mlem import tof_kernel_fwhm_mm
-    from equipet.scanner import Scanner
+    from equipet.reconstruction.mlem import tof_kernel_fwhm_mm
+    from equipet.simulation.scanner import Scanner
 
     scanner = Scanner.from_config(schema_defaults("scanner"))
     mlem = {"tof_doi": True, "lor_endpoints": "crystal"}

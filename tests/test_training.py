@@ -1,4 +1,4 @@
-"""Tests of equipet.training: losses, learning, outputs, resume, divergence, fingerprint."""
+"""Tests of equipet.networks.training: losses, learning, outputs, resume, divergence, fingerprint."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from equipet.errors import EquipetError, InputDataError, TrainingDivergedError
-from equipet.nets import CNN, SCNN, smooth_test_image
-from equipet.training import (
+from equipet.networks.nets import CNN, SCNN, smooth_test_image
+from equipet.networks.training import (
     ForwardModelMSELoss,
     MSELoss,
     PoissonNLLLoss,
@@ -125,7 +125,7 @@ def test_scnn_model_pt_loads_into_a_fresh_scnn(tmp_path):
     result = train(make("scnn"), noisy, MSELoss(clean), settings(epochs=3, snapshots=[3]), tmp_path)
     fresh = make("scnn", seed=7)
     fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
-    from equipet.training import predict
+    from equipet.networks.training import predict
 
     assert np.allclose(predict(fresh, noisy)[0, 0].numpy(), result.snapshots[3], atol=1e-5)
 
@@ -280,15 +280,15 @@ def test_snapshots_outside_the_run_are_refused(tmp_path):
 def test_docstring_examples():
     import doctest
 
-    import equipet.training
+    import equipet.networks.training
 
-    result = doctest.testmod(equipet.training)
+    result = doctest.testmod(equipet.networks.training)
     assert result.attempted >= 4 and result.failed == 0
 
 
 def test_predict_uses_batch_statistics_and_leaves_running_stats_untouched():
-    from equipet.nets import SCNN
-    from equipet.training import predict
+    from equipet.networks.nets import SCNN
+    from equipet.networks.training import predict
 
     torch.manual_seed(0)
     model = SCNN(group="C", order=4, fields=2)

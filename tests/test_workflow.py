@@ -98,7 +98,7 @@ def test_quick_run_end_to_end(workdir):
     brain_claims = pd.read_csv(results / "tables" / "paper_claims_brain.csv")
     assert brain_claims.claim_id.str.startswith(("denoise", "radon")).all()
     claims = pd.read_csv(results / "tables" / "paper_claims.csv")
-    # the claims tables are the claims rules of equipet.claims applied to this run's own
+    # the claims tables are the claims rules of equipet.study.claims applied to this run's own
     # inputs (the rules' run directories, metric files and MLEM timings), and each row's
     # verdict is the one the documented rule gives for its recorded n, seeds_met and reason
     brain_dirs = sorted(p.parent for e in ("denoise", "radon_recon") for p in (results / e).glob("*/seed*/loss.csv"))
@@ -151,9 +151,9 @@ def test_quick_run_end_to_end(workdir):
 
 
 def _assert_claims_from_inputs(table: pd.DataFrame, workdir: Path, metric_files, run_dirs, mlem_timings=()) -> None:
-    """``table`` (as read from its CSV) is what :func:`equipet.claims.paper_claims` makes of
+    """``table`` (as read from its CSV) is what :func:`equipet.study.claims.paper_claims` makes of
     these inputs under the quick config's plateau settings."""
-    from equipet.claims import load_run, paper_claims
+    from equipet.study.claims import load_run, paper_claims
     from equipet.config import load_config
 
     config = load_config([workdir / "config" / "config.yaml", workdir / "config" / "quick.yaml"])
@@ -164,9 +164,9 @@ def _assert_claims_from_inputs(table: pd.DataFrame, workdir: Path, metric_files,
 
 
 def _assert_verdicts_follow_the_rules(table: pd.DataFrame) -> None:
-    """Each row's verdict is the one the seed-majority rule of equipet.claims gives for its
+    """Each row's verdict is the one the seed-majority rule of equipet.study.claims gives for its
     ``n`` seeds (pairs), ``seeds_met`` of them meeting the claim's rule, and its reason."""
-    from equipet.claims import HELDOUT_TOLERANCE_DB, MIN_SEEDS
+    from equipet.study.claims import HELDOUT_TOLERANCE_DB, MIN_SEEDS
 
     assert table.verdict.isin(["reproduced", "not reproduced", "not comparable"]).all(), table.verdict
     for _, row in table.iterrows():

@@ -74,7 +74,7 @@ estimate() {
                esac ;;
         esac
     done
-    python -m equipet.estimate "${args[@]}" \
+    python -m equipet.study.estimate "${args[@]}" \
         || say "warning: the time estimate failed (see above); starting the run anyway"
 }
 

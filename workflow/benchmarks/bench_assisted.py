@@ -10,7 +10,7 @@ configuration's ``models`` section, on the slice grid of ``mlem.fov_mm`` at
 
 * ``paper``: the image-domain method (MSE to an MLEM-like target; no projector);
 * ``poisson``: the stochastic list-mode Poisson objective on the stored slice matrix
-  (:class:`equipet.assisted.SubsetPoissonLoss`, ``assisted.subset_events`` per epoch, with the
+  (:class:`equipet.assisted.methods.SubsetPoissonLoss`, ``assisted.subset_events`` per epoch, with the
   configured ``assisted.variance_reduction``);
   the matrix is built once (its build time and size are printed, not counted per epoch);
 * ``poisson_full``: the full-batch list-mode Poisson objective with the projector computed
@@ -18,9 +18,9 @@ configuration's ``models`` section, on the slice grid of ``mlem.fov_mm`` at
   ``assisted.cache_mb``.
 
 Events: those of a real ``slice.npz`` (``--slice``, the first ``--events`` of them), or
-synthetic ones: ideal true coincidences (:func:`equipet.listmode.simulate_true_events`) from
+synthetic ones: ideal true coincidences (:func:`equipet.reconstruction.listmode.simulate_true_events`) from
 the hot-rod phantom at ``--ctr`` on the configured scanner, kept when their LOR crosses the
-central slab, as :mod:`equipet.central_slice` keeps them. Writes a CSV with the columns
+central slab, as :mod:`equipet.assisted.central_slice` keeps them. Writes a CSV with the columns
 ``method, model, events, device, threads, ms_per_epoch`` and prints each method's speed-up
 over ``poisson_full`` and its ratio to ``paper``.
 """
@@ -35,18 +35,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from equipet.assisted import (ListmodePoissonLoss, NonNegativeOutput, SliceForwardModel, SubsetPoissonLoss,
+from equipet.assisted.methods import (ListmodePoissonLoss, NonNegativeOutput, SliceForwardModel, SubsetPoissonLoss,
                               subset_count)
-from equipet.central_slice import lors_crossing, slice_geometry
+from equipet.assisted.central_slice import lors_crossing, slice_geometry
 from equipet.config import load_config
 from equipet.device import select_device
-from equipet.listmode import convert_chunk, simulate_true_events
-from equipet.mlem import image_geometry
-from equipet.nets import build_model
-from equipet.phantom import hot_rod_phantom
-from equipet.projector import ListmodeTOFProjector, tof_fwhm_mm
-from equipet.scanner import Scanner
-from equipet.training import MSELoss
+from equipet.reconstruction.listmode import convert_chunk, simulate_true_events
+from equipet.reconstruction.geometry import image_geometry
+from equipet.networks.nets import build_model
+from equipet.simulation.phantom import hot_rod_phantom
+from equipet.reconstruction.projector import ListmodeTOFProjector, tof_fwhm_mm
+from equipet.simulation.scanner import Scanner
+from equipet.networks.training import MSELoss
 
 
 def synthetic_slice_events(cfg: dict, n: int, ctr_ps: float, seed: int = 0):
@@ -73,7 +73,7 @@ def synthetic_slice_events(cfg: dict, n: int, ctr_ps: float, seed: int = 0):
 
 
 def slice_events_from_npz(path: str, n: int):
-    from equipet.central_slice import geometry_from_npz
+    from equipet.assisted.central_slice import geometry_from_npz
 
     d = np.load(path)
     n = min(n, len(d["tof"]))

@@ -20,10 +20,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-from equipet.montecarlo import AcquisitionSettings, Simulator  # noqa: E402
+from equipet.simulation.montecarlo import AcquisitionSettings, Simulator  # noqa: E402
 from equipet.config import schema_defaults
-from equipet.phantom import hot_rod_phantom  # noqa: E402
-from equipet.scanner import Scanner  # noqa: E402
+from equipet.simulation.phantom import hot_rod_phantom  # noqa: E402
+from equipet.simulation.scanner import Scanner  # noqa: E402
 
 GATE_DECAYS_PER_S_PER_CORE = 1e4
 

@@ -6,7 +6,7 @@ Problem: the default reconstruction grid (mlem.fov_mm at 0.8 mm, 140 x 140 x 16 
 ideal true events from the hot-rod phantom on the paper's scanner (or the events of a GATE
 ROOT file given with --root). For each CTR it times
 
-* ``ours``: :class:`equipet.projector.ListmodeTOFProjector` apply + adjoint (on-the-fly
+* ``ours``: :class:`equipet.reconstruction.projector.ListmodeTOFProjector` apply + adjoint (on-the-fly
   system matrix), on the CPU and, when present, on the GPU;
 * ``ours_fused``: its ``apply_adjoint`` (``A^T h(A x)`` with each chunk's rows computed once,
   MLEM's update);
@@ -14,7 +14,7 @@ ROOT file given with --root). For each CTR it times
   projector module, e.g. the previous one, ``git show 3e11ef3:workflow/equipet/projector.py >
   /tmp/projector_3e11ef3.py``, timed in the same run on the same events;
 * ``reference_loop``: the straightforward per-event, per-plane Python implementation
-  (:func:`equipet.projector.reference_forward_per_event`) on a few hundred events; its
+  (:func:`equipet.reconstruction.projector.reference_forward_per_event`) on a few hundred events; its
   forward time is doubled for forward + back (the adjoint loop is the same work);
 * ``sparse_matrix``: the precomputed system matrix (torch sparse CSR, built from the same
   weights) times a vector and its transpose, build time excluded; memory reported.
@@ -36,11 +36,12 @@ import torch
 
 from equipet.config import load_config
 from equipet.device import select_device
-from equipet.listmode import convert_chunk, read_listmode, simulate_true_events
-from equipet.mlem import chunk_events, image_geometry, listmode_mlem
-from equipet.phantom import hot_rod_phantom
-from equipet.projector import ListmodeTOFProjector, reference_forward_per_event, tof_fwhm_mm
-from equipet.scanner import Scanner
+from equipet.reconstruction.listmode import convert_chunk, read_listmode, simulate_true_events
+from equipet.reconstruction.mlem import chunk_events, listmode_mlem
+from equipet.reconstruction.geometry import image_geometry
+from equipet.simulation.phantom import hot_rod_phantom
+from equipet.reconstruction.projector import ListmodeTOFProjector, reference_forward_per_event, tof_fwhm_mm
+from equipet.simulation.scanner import Scanner
 
 
 def _sync(device: torch.device) -> None:

@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 
 from equipet.config import validate
-from equipet.nets import build_model, count_parameters
-from equipet.radon import RadonTransform
-from equipet.training import ForwardModelMSELoss, MSELoss, seconds_per_epoch
+from equipet.networks.nets import build_model, count_parameters
+from equipet.brain.radon import RadonTransform
+from equipet.networks.training import ForwardModelMSELoss, MSELoss, seconds_per_epoch
 
 PAPER_S_PER_EPOCH = {  # TITAN RTX, from the paper's text
     ("denoise", "cnn"): 104 / 2000, ("denoise", "scnn"): 106 / 2000,

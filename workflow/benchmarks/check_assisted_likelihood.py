@@ -9,7 +9,7 @@ Trains the same network (same seed, so the same initial weights and hence the sa
 image) with ``poisson`` (one random block of about ``assisted.subset_events`` events per
 epoch) and with ``poisson_full`` (all events every epoch), both for ``--epochs`` epochs, and
 evaluates the full-batch list-mode negative log-likelihood ``L`` (module doc of
-:mod:`equipet.assisted`) of the start image and of each final image. It prints
+:mod:`equipet.assisted.methods`) of the start image and of each final image. It prints
 ``|L_poisson - L_full| / (L_start - L_full)``, the gap as a fraction of the full-batch
 method's total decrease (the acceptance bound is 1%), and exits 1 when it is larger than
 ``--tolerance``. With ``--equal-passes`` the stochastic method runs ``K`` times the epochs
@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from equipet.assisted import NonNegativeOutput, build_loss, input_scale, run_assisted, subset_count
+from equipet.assisted.methods import NonNegativeOutput, build_loss, input_scale, run_assisted, subset_count
 from equipet.config import load_config
 from equipet.device import select_device
-from equipet.nets import build_model
-from equipet.training import predict, seed_everything
+from equipet.networks.nets import build_model
+from equipet.networks.training import predict, seed_everything
 
 
 def slice_run_parser(description: str, epochs: int) -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "workflow"))
 
-from equipet import ablation  # noqa: E402
+from equipet.study import ablation  # noqa: E402
 from equipet.config import load_config  # noqa: E402
 
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         all_results.extend(_parallel(jobs, args.jobs, env))
 
     if not brain.exists() and not args.dry_run:
-        go([("brain", _command("brain", "--settings", _settings_file(cfg, tmp, "brain"), "--out", str(brain),
+        go([("brain", _command("brain.image", "--settings", _settings_file(cfg, tmp, "brain"), "--out", str(brain),
                                "--preview", str(brain.with_suffix(".png"))), logs / "brain.log")])
 
     def grid_job(experiment: str, name: str, seed: int) -> tuple[str, Path, list[str]]:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = ablation.grid_dir(results, experiment, name, seed)
         settings = _settings_file(merged, tmp, f"{experiment}_{name}")
         return (f"grid/{experiment}/{name}/seed{seed}", run_dir,
-                _command("ablation", "train", "--settings", settings, "--brain", str(brain),
+                _command("study.ablation", "train", "--settings", settings, "--brain", str(brain),
                          "--experiment", experiment, "--configuration", name, "--seed", str(seed),
                          "--out-dir", str(run_dir)))
 
@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         selection = ablation.selection_path(results)
         screen_dirs = [str(ablation.grid_dir(results, *r)) for r in screen]
         if not args.dry_run:
-            go([("select", _command("ablation", "select", "--runs", *screen_dirs, "--out", str(selection)),
+            go([("select", _command("study.ablation", "select", "--runs", *screen_dirs, "--out", str(selection)),
                  logs / "selection.log")])
         settings = _settings_file(cfg, tmp, "confirm")
         go(todo([(f"confirm/{e}/{m}/seed{s}", ablation.confirm_dir(results, e, m, s),
-                  _command("ablation", "train", "--settings", settings, "--brain", str(brain), "--experiment", e,
+                  _command("study.ablation", "train", "--settings", settings, "--brain", str(brain), "--experiment", e,
                            "--selection", str(selection), "--model", m, "--seed", str(s),
                            "--out-dir", str(ablation.confirm_dir(results, e, m, s))))
                  for e, m, s in ablation.confirm_runs(cfg)]))

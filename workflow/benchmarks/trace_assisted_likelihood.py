@@ -9,7 +9,7 @@ Trains the same network from the same start (same seed) with Adam at the configu
 learning rate and no step decay, once per estimator: ``full`` (``poisson_full``, every event
 every epoch), ``saga`` and ``none`` (the ``poisson`` method with that
 ``assisted.variance_reduction``), and evaluates the full-batch list-mode negative
-log-likelihood ``L`` (module doc of :mod:`equipet.assisted`) of the current image at a fixed
+log-likelihood ``L`` (module doc of :mod:`equipet.assisted.methods`) of the current image at a fixed
 set of epochs (epoch 0: the start image, the same for every estimator). Prints one line per
 estimator and writes the CSV ``estimator, epoch, full_nll`` (again after each estimator, so a
 long trace keeps what it has measured).
@@ -30,11 +30,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from equipet.assisted import NonNegativeOutput, build_loss, input_scale, load_system
+from equipet.assisted.methods import NonNegativeOutput, build_loss, input_scale, load_system
 from equipet.config import load_config
 from equipet.device import select_device
-from equipet.nets import build_model
-from equipet.training import seed_everything
+from equipet.networks.nets import build_model
+from equipet.networks.training import seed_everything
 
 from check_assisted_likelihood import slice_run_parser
 

@@ -17,7 +17,7 @@ if os.environ.get("PATH", "").split(os.pathsep)[0] != _ENV_BIN:
     os.environ.update(PATH=os.pathsep.join([_ENV_BIN, *filter(None, [os.environ.get("PATH")])]))
 
 try:
-    from equipet import ablation as ablation_study
+    from equipet.study import ablation as ablation_study
     from equipet.config import validate
     from equipet.errors import ConfigError
 except ImportError as exc:  # pragma: no cover - message for a broken install

@@ -10,25 +10,25 @@ chosen device (about 10 to 30 s), and scaled by the configuration:
   with its rule, wildcards and threads, checked against Snakemake's job-stats table). These are
   the jobs still to run: outputs already in ``results/`` are not counted again.
 * **brain experiments** (``train_brain``): ``epochs x t_epoch(experiment, model)``, with
-  ``t_epoch`` the median time of a training epoch (:func:`equipet.training.seconds_per_epoch`)
+  ``t_epoch`` the median time of a training epoch (:func:`equipet.networks.training.seconds_per_epoch`)
   of the network of ``models`` on a ``brain.size`` image, with the denoising MSE loss or the
   Radon loss over ``radon_recon.n_angles`` angles. The evaluation after training is not counted.
 * **simulation** (``simulate_job``, builtin backend): ``A T / (J r_MC)`` for activity ``A`` (Bq,
   ``acquisition.activity_scale`` applied), duration ``T``, ``J = acquisition.n_jobs`` jobs and
-  ``r_MC`` the decays per second of the embedded Monte Carlo (:class:`equipet.montecarlo.Simulator`)
+  ``r_MC`` the decays per second of the embedded Monte Carlo (:class:`equipet.simulation.montecarlo.Simulator`)
   measured on a short acquisition of the same phantom and scanner. The same short acquisition
   gives the events per decay: those ``mlem.events`` selects whose LOR crosses the image box
-  (MLEM), and those crossing the assisted slice (the rule of :mod:`equipet.central_slice`).
+  (MLEM), and those crossing the assisted slice (the rule of :mod:`equipet.assisted.central_slice`).
   GATE jobs (``backend: gate``) are not estimated.
 * **normalisation**: ``blank_decays / r_blank + chord_pairs / r_chord``
   (``mlem.normalisation``): ``r_blank`` the decays per second of the blank scan (the embedded Monte
-  Carlo on the uniform cylinder in air, :class:`equipet.normalisation.BlankScan`) and ``r_chord``
-  the element pairs per second of :func:`equipet.normalisation.class_pair_chords`, both measured
+  Carlo on the uniform cylinder in air, :class:`equipet.reconstruction.normalisation.BlankScan`) and ``r_chord``
+  the element pairs per second of :func:`equipet.reconstruction.normalisation.class_pair_chords`, both measured
   on small samples.
 * **sensitivity**: ``mlem.sensitivity_lors / r_sens``, ``r_sens`` the LORs per second of
-  :func:`equipet.mlem.sensitivity_image` on a small sample (its fixed cost included).
+  :func:`equipet.reconstruction.mlem.sensitivity_image` on a small sample (its fixed cost included).
 * **MLEM** (per CTR): ``iterations x N x t_ev(CTR)``, ``N = A T x events per decay`` and
-  ``t_ev`` the seconds per event of one list-mode MLEM iteration (:func:`equipet.mlem.listmode_mlem`,
+  ``t_ev`` the seconds per event of one list-mode MLEM iteration (:func:`equipet.reconstruction.mlem.listmode_mlem`,
   on-the-fly projector, no system-matrix cache: an upper bound when ``mlem.system_cache_mb`` > 0).
   With scatter in ``mlem.corrections``: plus ``rounds x (decays / r_MC + estimate_iterations x N x t_ev)``.
 * **central slice** (per CTR): about one MLEM iteration's cost for the events crossing the slice
@@ -37,10 +37,10 @@ chosen device (about 10 to 30 s), and scaled by the configuration:
   ``t_net`` is a training epoch of the network with the MSE image loss on the slice
   (``mlem.fov_mm / mlem.voxel_size_mm`` pixels): the whole epoch of method ``paper``.
   ``t_data`` is the data term's forward and backward per epoch, measured per event on the slice
-  events of the short acquisition (best of 3 calls, as are the MLEM timings) and scaled: ``poisson``, :class:`equipet.assisted.SubsetPoissonLoss`
-  on a stored :class:`equipet.projector.SparseSystemMatrix`, for a block of ``N_s / K`` events
+  events of the short acquisition (best of 3 calls, as are the MLEM timings) and scaled: ``poisson``, :class:`equipet.assisted.methods.SubsetPoissonLoss`
+  on a stored :class:`equipet.reconstruction.projector.SparseSystemMatrix`, for a block of ``N_s / K`` events
   (``K`` from ``assisted.subset_events``, ``N_s`` the slice events kept, ``assisted.max_events``);
-  ``poisson_full``, :class:`equipet.assisted.ListmodePoissonLoss` with the on-the-fly projector
+  ``poisson_full``, :class:`equipet.assisted.methods.ListmodePoissonLoss` with the on-the-fly projector
   over all ``N_s`` events (the same fraction of its matrix cached as ``assisted.cache_mb`` allows);
   ``l2``, the same per-event cost over ``N_s + assisted.l2_mc_lors`` LORs (approximate).
 * every job also pays its process start (Python, torch and equipet imported), measured once;
@@ -80,7 +80,7 @@ import torch
 from equipet import cli
 from equipet.errors import EquipetError
 
-log = logging.getLogger("equipet.estimate")
+log = logging.getLogger("equipet.study.estimate")
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = "config/config.yaml"
@@ -252,9 +252,9 @@ def _tile(a: np.ndarray, n: int) -> np.ndarray:
 
 
 def _brain_costs(cfg: Mapping[str, Any], device: torch.device, costs: Costs, needed: set[tuple[str, str]]) -> None:
-    from equipet.nets import build_model
-    from equipet.radon import RadonTransform
-    from equipet.training import ForwardModelMSELoss, MSELoss, seconds_per_epoch
+    from equipet.networks.nets import build_model
+    from equipet.brain.radon import RadonTransform
+    from equipet.networks.training import ForwardModelMSELoss, MSELoss, seconds_per_epoch
 
     size = int(cfg["brain"]["size"])
     rng = np.random.default_rng(0)
@@ -274,11 +274,11 @@ def _brain_costs(cfg: Mapping[str, Any], device: torch.device, costs: Costs, nee
 
 def _sample_acquisition(cfg: Mapping[str, Any], ctr_ps: float, costs: Costs):
     """A short acquisition of the configured phantom and scanner: MC rate and events per decay."""
-    from equipet.central_slice import lors_crossing, slab_range, slice_geometry
-    from equipet.gate_root import BRANCHES
-    from equipet.listmode import convert_chunk
-    from equipet.mlem import _box_with_halo, image_geometry, lor_hits_box
-    from equipet.montecarlo import Simulator, simulator_from_settings
+    from equipet.assisted.central_slice import lors_crossing, slab_range, slice_geometry
+    from equipet.simulation.gate_root import BRANCHES
+    from equipet.reconstruction.listmode import convert_chunk
+    from equipet.reconstruction.geometry import box_with_halo, image_geometry, lor_hits_box
+    from equipet.simulation.montecarlo import Simulator, simulator_from_settings
 
     sim = simulator_from_settings(cfg)
     acq = dataclasses.replace(sim.acq, duration_s=CAL_DECAYS / sim.activity_bq, n_jobs=1)
@@ -292,7 +292,7 @@ def _sample_acquisition(cfg: Mapping[str, Any], ctr_ps: float, costs: Costs):
     data = {k: meta["data"].get(k, np.zeros(n_coinc, t)) for k, t in BRANCHES.items()}   # as the ROOT file has them
     ev = convert_chunk(data, sim.scanner, mlem["events"], mlem["lor_endpoints"], window)
     geom = image_geometry(mlem)
-    lo, hi = _box_with_halo(geom)
+    lo, hi = box_with_halo(geom)
     in_box = ev.subset(lor_hits_box(ev.p1_mm.astype(np.float64), ev.p2_mm.astype(np.float64), lo, hi))
     costs.mlem_events_per_decay = len(in_box) / n_dec
     sec = cfg["assisted"]
@@ -304,9 +304,9 @@ def _sample_acquisition(cfg: Mapping[str, Any], ctr_ps: float, costs: Costs):
 
 def _projection_costs(cfg: Mapping[str, Any], device: torch.device, costs: Costs, geom, g2, in_box, in_slice,
                       mlem_ctrs: set[str], slice_ctrs: dict[str, set[str]], n_slice_kept: dict[str, float]) -> None:
-    from equipet.assisted import ListmodePoissonLoss, SliceForwardModel, SubsetPoissonLoss, subset_count
-    from equipet.mlem import chunk_events, listmode_mlem
-    from equipet.projector import ListmodeTOFProjector, tof_fwhm_mm
+    from equipet.assisted.methods import ListmodePoissonLoss, SliceForwardModel, SubsetPoissonLoss, subset_count
+    from equipet.reconstruction.mlem import chunk_events, listmode_mlem
+    from equipet.reconstruction.projector import ListmodeTOFProjector, tof_fwhm_mm
 
     mlem, sec = cfg["mlem"], cfg["assisted"]
     n_cal = CAL_EVENTS["cuda" if device.type == "cuda" else "cpu"]
@@ -354,10 +354,11 @@ def _projection_costs(cfg: Mapping[str, Any], device: torch.device, costs: Costs
 
 def calibrate(cfg: Mapping[str, Any], device: torch.device, jobs: Sequence[Job]) -> Costs:
     """Measure on ``device`` the costs the ``jobs`` need (module doc); about 10-30 s."""
-    from equipet.mlem import chunk_events, image_geometry, phantom_mu_map, sensitivity_image
-    from equipet.nets import build_model
-    from equipet.scanner import Scanner
-    from equipet.training import MSELoss, seconds_per_epoch
+    from equipet.reconstruction.mlem import chunk_events, phantom_mu_map, sensitivity_image
+    from equipet.reconstruction.geometry import image_geometry
+    from equipet.networks.nets import build_model
+    from equipet.simulation.scanner import Scanner
+    from equipet.networks.training import MSELoss, seconds_per_epoch
 
     t_start = time.perf_counter()
     costs = Costs(device=str(device), torch_threads=torch.get_num_threads())
@@ -365,7 +366,7 @@ def calibrate(cfg: Mapping[str, Any], device: torch.device, jobs: Sequence[Job])
     brain = {(j.wildcards["experiment"], j.wildcards["model"]) for j in jobs if j.rule == "train_brain"}
     parts = costs.calibration_parts_s
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, equipet.cli, equipet.training"], check=True,
+    subprocess.run([sys.executable, "-c", "import torch, equipet.cli, equipet.networks.training"], check=True,
                    env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     costs.job_start_s = parts["job start"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -400,7 +401,7 @@ def calibrate(cfg: Mapping[str, Any], device: torch.device, jobs: Sequence[Job])
         _projection_costs(cfg, device, costs, geom, g2, in_box, in_slice, mlem_ctrs, slice_ctrs, kept)
         parts["projections"] = time.perf_counter() - t0
     if rules.get("normalisation"):
-        from equipet.normalisation import BlankScan, blank_radius_mm, class_pair_chords
+        from equipet.reconstruction.normalisation import BlankScan, blank_radius_mm, class_pair_chords
 
         t0 = time.perf_counter()
         scanner, ns = Scanner.from_config(cfg["scanner"]), cfg["mlem"]["normalisation"]
@@ -432,7 +433,7 @@ def calibrate(cfg: Mapping[str, Any], device: torch.device, jobs: Sequence[Job])
 
 def _decays_per_ctr(cfg: Mapping[str, Any]) -> float:
     """Decays of one CTR's acquisition: activity (Bq, scaled) x duration (s)."""
-    from equipet.phantom import hot_rod_phantom
+    from equipet.simulation.phantom import hot_rod_phantom
 
     acq = cfg["acquisition"]
     return hot_rod_phantom(cfg["phantom"], activity_scale=acq["activity_scale"]).total_activity_bq() * acq["duration_s"]
@@ -453,7 +454,7 @@ def job_seconds(job: Job, cfg: Mapping[str, Any], costs: Costs) -> float | None:
 
 def _work_seconds(job: Job, cfg: Mapping[str, Any], costs: Costs) -> float:
     """The measured work of one job, without its process start (0 for the rules not timed)."""
-    from equipet.assisted import subset_count
+    from equipet.assisted.methods import subset_count
 
     w = job.wildcards
     decays = _decays_per_ctr(cfg)

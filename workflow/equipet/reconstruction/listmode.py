@@ -2,18 +2,18 @@
 
 A chunk is a dict of numpy arrays keyed by GATE branch names (``time1``, ``energy1``,
 ``globalPosX1``, ``rsectorID1``, ..., suffix 1/2 for the two singles), as yielded by
-:func:`equipet.gate_root.iter_coincidences` (our simulator's files and real GATE 9 files
+:func:`equipet.simulation.gate_root.iter_coincidences` (our simulator's files and real GATE 9 files
 alike). Per chunk:
 
 1. **selection** (:func:`select_mask`): both singles inside the energy window; with
    ``events="trues"`` also ``eventID1 == eventID2`` (not random) and no Compton or Rayleigh
    interaction in the phantom on either side (not scattered); ``events="all"`` keeps every
    prompt in the window (no scatter or randoms correction follows: a biased but honest
-   "what the scanner saw" mode, unless :mod:`equipet.corrections` supplies the randoms and
+   "what the scanner saw" mode, unless :mod:`equipet.reconstruction.corrections` supplies the randoms and
    scatter terms of the model).
 2. **endpoints** (:func:`lor_endpoints_mm`): ``lor_endpoints="crystal"`` puts each end at
    the centre of the detecting crystal *in its DOI layer* (``rsectorID, moduleID,
-   crystalID, layerID`` through :meth:`equipet.scanner.Scanner.crystal_centres_mm`, the one
+   crystalID, layerID`` through :meth:`equipet.simulation.scanner.Scanner.crystal_centres_mm`, the one
    source of the geometry) as a real scanner would; ``"global"`` uses the exact
    interaction positions ``globalPosX/Y/Z`` (simulation truth; no crystal discretisation).
 3. **TOF** (:func:`tof_offset_mm`): with times in seconds,
@@ -41,9 +41,9 @@ from typing import Any
 import numpy as np
 
 from equipet.errors import ConfigError, InputDataError
-from equipet.scanner import Scanner
+from equipet.simulation.scanner import Scanner
 
-log = logging.getLogger("equipet.listmode")
+log = logging.getLogger("equipet.reconstruction.listmode")
 
 #: speed of light, mm per second
 C_MM_PER_S = 2.99792458e11
@@ -143,7 +143,7 @@ class ListmodeEvents:
 
     ``n_read`` counts the coincidences read from the file, before selection. ``element1``,
     ``element2`` (N,) int64, when read, are the detection elements of the two singles
-    (:meth:`equipet.scanner.Scanner.flat_index`), which per-crystal-pair corrections need.
+    (:meth:`equipet.simulation.scanner.Scanner.flat_index`), which per-crystal-pair corrections need.
     """
 
     p1_mm: np.ndarray
@@ -207,7 +207,7 @@ def convert_chunk(chunk: Mapping[str, np.ndarray], scanner: Scanner, events: str
 def iter_coincidence_chunks(path: str | Path, branches: list[str], step_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Chunks of the ``Coincidences`` tree as dicts of numpy arrays.
 
-    Uses :func:`equipet.gate_root.iter_coincidences` (the project's ROOT reader) when it is
+    Uses :func:`equipet.simulation.gate_root.iter_coincidences` (the project's ROOT reader) when it is
     installed, else reads with uproot directly.
     """
     path = Path(path)
@@ -215,7 +215,7 @@ def iter_coincidence_chunks(path: str | Path, branches: list[str], step_size: in
         raise InputDataError("coincidence file not found", where=str(path),
                              fix="run the acquisition rule first (snakemake ... sim/ctr{ctr}/coincidences.root)")
     try:
-        from equipet.gate_root import iter_coincidences  # type: ignore[attr-defined]
+        from equipet.simulation.gate_root import iter_coincidences  # type: ignore[attr-defined]
     except ImportError:
         iter_coincidences = None
     if iter_coincidences is not None:

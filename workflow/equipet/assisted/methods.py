@@ -3,10 +3,10 @@
 One run = one (CTR, method, model, seed): the network ``f_w`` takes the early-MLEM central
 slice ``x_0`` (divided by a fixed scale ``c``, its 99.5th percentile, so that every CTR feeds
 the networks values of order one) and its output ``x = c f_w(x_0 / c)`` is fitted, with the
-shared engine :func:`equipet.training.train`, by the objective of the run's method
+shared engine :func:`equipet.networks.training.train`, by the objective of the run's method
 (``assisted.methods``; each method has its own runs, figures, metric rows and claims rows):
 
-``paper``: :class:`equipet.training.MSELoss` against the MLEM slice at
+``paper``: :class:`equipet.networks.training.MSELoss` against the MLEM slice at
 ``assisted.image_target_iterations`` (in units of ``c``; the last MLEM iteration by default).
 An image-domain objective, as the paper's timings imply: its assisted epoch (14.5 ms) is 3.6x
 cheaper than its denoising epoch and 10x cheaper than its Radon epoch, so its loss holds no
@@ -20,8 +20,8 @@ Barrett 1998), optimised stochastically (:class:`SubsetPoissonLoss`),
            L_k(x) = \\frac{1}{N}\\Big[f\\,s^T x - K \\sum_{e \\in S_k} \\log\\big((A x)_e + b_e\\big)\\Big],
 
 with ``A`` the single-slice TOF projector (the stored matrix
-:class:`equipet.projector.SparseSystemMatrix` of ``system.pt``, built once per CTR by
-:mod:`equipet.central_slice`), ``s`` the slice sensitivity, ``b`` the out-of-slice
+:class:`equipet.reconstruction.projector.SparseSystemMatrix` of ``system.pt``, built once per CTR by
+:mod:`equipet.assisted.central_slice`), ``s`` the slice sensitivity, ``b`` the out-of-slice
 contribution, ``f`` the kept fraction of the events and ``N`` their number. The events are in
 random order and cut into ``K`` blocks ``S_k`` of about ``assisted.subset_events``; each epoch
 draws ``k`` uniformly, so ``E_k L_k = L`` and ``E_k grad L_k = grad L`` (unbiased: the
@@ -56,7 +56,7 @@ last layer is followed by a softplus, ``x = c softplus_beta(f_w(x_0 / c))`` with
 every image whose likelihood is evaluated is positive. ``assisted.early_stop`` (off in the
 paper configuration) ends a run at the loss plateau (:class:`PlateauStop`).
 
-Written into the run directory: the files of :func:`equipet.training.train` (``loss.csv``,
+Written into the run directory: the files of :func:`equipet.networks.training.train` (``loss.csv``,
 ``snapshots/``, ``timing.json``, ...), ``metrics.csv`` (tidy rows: ``experiment=assisted,
 method, model, seed, epoch, metric, value, ctr_ps, rod_mm, split``; ``split`` is ``input``
 for the early MLEM slice, ``train`` for each snapshot, ``training`` for the loss-curve
@@ -82,11 +82,11 @@ import torch
 from equipet import cli
 from equipet.errors import ConfigError, InputDataError
 from equipet.files import atomic_path
-from equipet.central_slice import slice_projector
-from equipet.projector import ImageGeometry, ListmodeTOFProjector, SparseSystemMatrix
-from equipet.training import MSELoss, TrainSettings, predict, seed_everything, train
+from equipet.assisted.central_slice import slice_projector
+from equipet.reconstruction.projector import ImageGeometry, ListmodeTOFProjector, SparseSystemMatrix
+from equipet.networks.training import MSELoss, TrainSettings, predict, seed_everything, train
 
-log = logging.getLogger("equipet.assisted")
+log = logging.getLogger("equipet.assisted.methods")
 
 SUMMARY_METRICS = ("plateau_epoch", "plateau_time_s", "min_loss", "final_loss", "total_time_s", "s_per_epoch")
 
@@ -149,7 +149,7 @@ def loss_summary(losses: np.ndarray, wall_time_s: np.ndarray, plateau_cfg: Mappi
 
 
 class PlateauStop:
-    """Early stop at the loss plateau (``assisted.early_stop``), for :func:`equipet.training.train`.
+    """Early stop at the loss plateau (``assisted.early_stop``), for :func:`equipet.networks.training.train`.
 
     Every ``window`` epochs from ``2 window`` on, the running mean ``m_k`` of the last
     ``window`` losses is compared with the best so far, ``m_best``: it counts as an
@@ -252,7 +252,7 @@ class ListmodePoissonLoss(torch.nn.Module):
 
     Below ``floor`` (density units; :func:`build_loss` takes 1e-3 of the mean expected density
     of the early-MLEM input) the log is continued by its tangent, as in
-    :class:`equipet.training.PoissonNLLLoss`.
+    :class:`equipet.networks.training.PoissonNLLLoss`.
     """
 
     def __init__(self, forward_model: SliceForwardModel, sensitivity: torch.Tensor, event_fraction: float = 1.0,
@@ -358,7 +358,7 @@ class SubsetPoissonLoss(torch.nn.Module):
         return sum(self.subset_loss(output, k) for k in range(len(self.subsets))) / len(self.subsets)
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint of a run with this loss must match (see :func:`equipet.training.train`)."""
+        """What a checkpoint of a run with this loss must match (see :func:`equipet.networks.training.train`)."""
         return {"estimator": self.estimator, "blocks": len(self.subsets)}
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
@@ -406,7 +406,7 @@ def input_scale(early: np.ndarray) -> float:
 
 
 def load_system(path: Path, device: torch.device) -> SparseSystemMatrix:
-    """The stored slice matrix (``system.pt`` of :mod:`equipet.central_slice`) on ``device``."""
+    """The stored slice matrix (``system.pt`` of :mod:`equipet.assisted.central_slice`) on ``device``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return SparseSystemMatrix.from_state_dict(state).to(device)
@@ -485,10 +485,10 @@ def full_nll(loss: torch.nn.Module, output: torch.Tensor) -> float:
 def run_assisted(cfg: Mapping[str, Any], slice_path: Path, method: str, model_name: str, seed: int,
                  out_dir: Path, system_path: Path | None = None) -> pd.DataFrame:
     """Train ``model_name`` with ``method`` for ``seed`` on the slice; write metrics.csv and eval.npz in ``out_dir``."""
-    from equipet.central_slice import geometry_from_npz
+    from equipet.assisted.central_slice import geometry_from_npz
     from equipet.device import select_device
-    from equipet.nets import build_model
-    from equipet.rod_metrics import SliceScorer
+    from equipet.networks.nets import build_model
+    from equipet.assisted.rod_metrics import SliceScorer
 
     sec = cfg["assisted"]
     data = dict(np.load(slice_path))

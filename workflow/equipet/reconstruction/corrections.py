@@ -1,7 +1,7 @@
 """Randoms and scatter: the additive terms that let list-mode MLEM reconstruct all prompts.
 
 **Model.** A prompt ``e`` on the pair of detection elements ``(i, j)`` (crystal and DOI
-layer, :meth:`equipet.scanner.Scanner.flat_index`) with TOF offset ``tau_e`` (mm) has the
+layer, :meth:`equipet.simulation.scanner.Scanner.flat_index`) with TOF offset ``tau_e`` (mm) has the
 expected count density (counts per element pair per mm of TOF offset)
 
 .. math::
@@ -9,9 +9,9 @@ expected count density (counts per element pair per mm of TOF offset)
     \\bar y_e = \\eta_e (A x)_e + r_e + s_e,
 
 with ``A`` the TOF projector, ``eta_e = n_e exp(-int mu)`` the crystal-pair efficiency of the
-event's elements (:mod:`equipet.normalisation`, 1 when it is off) times the attenuation of its
-LOR (:func:`equipet.mlem.event_eta`, the factors the sensitivity image is weighted with),
-``r_e`` the randoms density and ``s_e`` the scatter density. :func:`equipet.mlem.listmode_mlem`
+event's elements (:mod:`equipet.reconstruction.normalisation`, 1 when it is off) times the attenuation of its
+LOR (:func:`equipet.reconstruction.mlem.event_eta`, the factors the sensitivity image is weighted with),
+``r_e`` the randoms density and ``s_e`` the scatter density. :func:`equipet.reconstruction.mlem.listmode_mlem`
 then updates ``x_j <- x_j / s_j sum_e a_ej / ((A x)_e + b_e)`` with the additive term
 ``b_e = (r_e + s_e) / eta_e``. Both densities are per mm of TOF offset: with ``mlem.tof: false``
 the corrections are refused (a non-TOF event's ``(A x)_e`` is per line). No calibration is needed: MLEM puts ``x`` in counts per unit
@@ -45,9 +45,9 @@ adapted to this sorter. ``Q`` is the element's prompts less its own expected ran
 (relative order ``tau_w sum S``).
 The arrival-time difference of a random is uniform over the window, so its signed TOF
 offset is uniform over ``[-c tau_w / 2, c tau_w / 2]``: ``r_e = R_ij / (c tau_w)``. Singles
-come from the ``singlesPerElement`` tree of the acquisition (:func:`equipet.gate_root.read_singles_counts`).
+come from the ``singlesPerElement`` tree of the acquisition (:func:`equipet.simulation.gate_root.read_singles_counts`).
 
-**Scatter by Monte Carlo.** The embedded simulator (:mod:`equipet.montecarlo`) runs on the
+**Scatter by Monte Carlo.** The embedded simulator (:mod:`equipet.simulation.montecarlo`) runs on the
 current activity estimate (decays drawn from the image, uniform inside each voxel) in the
 same scanner and phantom attenuation, without randoms. Its coincidences (LORs between the
 same crystal centres as the data) are histogrammed in LOR coordinates ``(theta, s, dz)``
@@ -85,10 +85,10 @@ from typing import Any
 import numpy as np
 
 from equipet.errors import ConfigError
-from equipet.gate_root import C_MM_PER_S, sinogram_coordinates
-from equipet.scanner import Scanner
+from equipet.simulation.gate_root import C_MM_PER_S, sinogram_coordinates
+from equipet.simulation.scanner import Scanner
 
-log = logging.getLogger("equipet.corrections")
+log = logging.getLogger("equipet.reconstruction.corrections")
 
 CORRECTIONS = ("randoms", "scatter")
 
@@ -254,9 +254,9 @@ def pair_measure(scanner: Scanner, geometry: Any, bins: ScatterBins, n_pairs: in
     """Element pairs per LOR bin whose crystal-centre LOR crosses the image box (estimated
     from ``n_pairs`` uniform draws of box-crossing pairs), and the expected randoms summed over
     all those pairs (0 without a ``randoms`` model)."""
-    from equipet.mlem import _box_with_halo, _sample_pairs, candidate_rsector_offsets, lor_hits_box
+    from equipet.reconstruction.geometry import box_with_halo, sample_pairs, candidate_rsector_offsets, lor_hits_box
 
-    lo, hi = _box_with_halo(geometry)
+    lo, hi = box_with_halo(geometry)
     radius = float(np.linalg.norm(np.maximum(np.abs(lo[:2]), np.abs(hi[:2]))))
     offsets = candidate_rsector_offsets(scanner, radius)
     per_rsector = scanner.n_crystals // scanner.modules_per_ring
@@ -268,7 +268,7 @@ def pair_measure(scanner: Scanner, geometry: Any, bins: ScatterBins, n_pairs: in
     drawn = hit_total = 0
     while hit_total < n_pairs:
         m = 1 << 20
-        i, j = _sample_pairs(scanner, offsets, m, rng)
+        i, j = sample_pairs(scanner, offsets, m, rng)
         drawn += m
         ok = lor_hits_box(centres[i], centres[j], lo, hi)
         rs_i, rs_j = i // per_rsector, j // per_rsector
@@ -287,7 +287,7 @@ def pair_measure(scanner: Scanner, geometry: Any, bins: ScatterBins, n_pairs: in
 # ---------------------------------------------------------------------------------------
 # Monte Carlo scatter
 def image_source(image: np.ndarray, geometry: Any):
-    """A :class:`equipet.montecarlo.Simulator` source drawing decays from a voxel image
+    """A :class:`equipet.simulation.montecarlo.Simulator` source drawing decays from a voxel image
     (probability proportional to the clipped-positive voxel value, uniform inside the voxel)."""
     w = np.clip(np.asarray(image, dtype=np.float64), 0, None).ravel()
     if not w.sum() > 0:
@@ -330,17 +330,17 @@ def simulate_scatter(scanner: Scanner, phantom: Any, acq: Any, image: np.ndarray
     branches) crossing the image box with LOR endpoints and a ``scatter`` mask."""
     from dataclasses import replace
 
-    from equipet.gate_root import classify
-    from equipet.listmode import lor_endpoints_mm, tof_offset_mm
-    from equipet.mlem import _box_with_halo, lor_hits_box
-    from equipet.montecarlo import Simulator
+    from equipet.simulation.gate_root import classify
+    from equipet.reconstruction.listmode import lor_endpoints_mm, tof_offset_mm
+    from equipet.reconstruction.geometry import box_with_halo, lor_hits_box
+    from equipet.simulation.montecarlo import Simulator
 
     settings = replace(acq, randoms=False, n_jobs=1, seed=int(seed))
     duration = 1.0
     sim = Simulator(scanner, phantom, replace(settings, duration_s=duration), source=image_source(image, geometry),
                     source_activity_bq=float(n_decays) / duration)
     data = sim.run_job(0, ctr_ps, progress=False)["data"]
-    lo, hi = _box_with_halo(geometry)
+    lo, hi = box_with_halo(geometry)
     e_lo, e_hi = (e / 1000.0 for e in scanner.energy_window_kev)
     p1, p2 = lor_endpoints_mm(data, scanner, lor_endpoints)
     keep = lor_hits_box(p1, p2, lo, hi)

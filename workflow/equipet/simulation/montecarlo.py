@@ -1,8 +1,8 @@
 """Embedded Monte Carlo of the PET acquisition (the default ``builtin`` backend).
 
-It reads the same scanner (:mod:`equipet.scanner`), phantom (:mod:`equipet.phantom`) and
-acquisition description as the GATE macros (:mod:`equipet.gate_macros`) and writes GATE's
-ROOT ``Coincidences`` tree (:mod:`equipet.gate_root`). Everything is vectorised with numpy over
+It reads the same scanner (:mod:`equipet.simulation.scanner`), phantom (:mod:`equipet.simulation.phantom`) and
+acquisition description as the GATE macros (:mod:`equipet.simulation.gate_macros`) and writes GATE's
+ROOT ``Coincidences`` tree (:mod:`equipet.simulation.gate_root`). Everything is vectorised with numpy over
 batches of decays. What is modelled, in order:
 
 1. **Decays.** The number of decays in the job's time slice ``[t0, t1)`` is Poisson with mean
@@ -70,11 +70,11 @@ from typing import Any
 
 import numpy as np
 
-from equipet.gate_root import C_MM_PER_S, CoincidenceWriter
-from equipet.phantom import HotRodPhantom
-from equipet.scanner import Scanner
+from equipet.simulation.gate_root import C_MM_PER_S, CoincidenceWriter
+from equipet.simulation.phantom import HotRodPhantom
+from equipet.simulation.scanner import Scanner
 
-log = logging.getLogger("equipet.montecarlo")
+log = logging.getLogger("equipet.simulation.montecarlo")
 
 ME_C2_MEV = 0.51099895
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
@@ -379,8 +379,8 @@ class Simulator:
 
         ``singles_counts`` (``scanner.n_crystals``, int64), when given, is incremented by the
         singles (in the energy window) of each detection element, in
-        :meth:`~equipet.scanner.Scanner.flat_index` order: the singles rates a scanner
-        reports, from which randoms are estimated (:mod:`equipet.corrections`).
+        :meth:`~equipet.simulation.scanner.Scanner.flat_index` order: the singles rates a scanner
+        reports, from which randoms are estimated (:mod:`equipet.reconstruction.corrections`).
         """
         n = times_s.size
         src, sid = self._sample_sources(n, rng)
@@ -519,7 +519,7 @@ class Simulator:
 
         Returns the metadata, plus the coincidences under ``"data"`` and the singles per
         detection element under ``"singles_counts"`` when ``out`` is None (the file holds
-        them in its ``singlesPerElement`` tree, :data:`equipet.gate_root.SINGLES_TREE`).
+        them in its ``singlesPerElement`` tree, :data:`equipet.simulation.gate_root.SINGLES_TREE`).
         """
         from tqdm import tqdm
 
@@ -589,7 +589,7 @@ def _exit_distance_cylinder(p: np.ndarray, u: np.ndarray, R: float, H: float) ->
 
 def simulator_from_settings(cfg: Mapping[str, Any]) -> Simulator:
     """Build the simulator from validated config sections ``scanner``, ``phantom``, ``acquisition``."""
-    from equipet.phantom import hot_rod_phantom
+    from equipet.simulation.phantom import hot_rod_phantom
 
     acq = AcquisitionSettings.from_config(cfg.get("acquisition", {}))
     scanner = Scanner.from_config(cfg["scanner"])

@@ -10,7 +10,7 @@ as the paper does, and then measure what the paper claims rather than assume it:
   :math:`\\|f(R_g x) - R_g f(x)\\| / \\|R_g f(x)\\|` inside the field of view.
 
 Everything is written to one directory per (experiment, model, seed): the training
-files of :func:`equipet.training.train`, a tidy ``metrics.csv`` and ``eval.npz`` with
+files of :func:`equipet.networks.training.train`, a tidy ``metrics.csv`` and ``eval.npz`` with
 the images the figures show.
 """
 
@@ -28,11 +28,11 @@ import pandas as pd
 import torch
 
 from equipet import cli
-from equipet.brain import BrainSlices, disk_mask
+from equipet.brain.image import BrainSlices, disk_mask
 from equipet.files import atomic_path
 from equipet.metrics import image_metrics, tidy_rows
-from equipet.nets import build_model, rotate_image
-from equipet.training import ForwardModelMSELoss, MSELoss, TrainSettings, predict, seed_everything, train
+from equipet.networks.nets import build_model, rotate_image
+from equipet.networks.training import ForwardModelMSELoss, MSELoss, TrainSettings, predict, seed_everything, train
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def denoise_problem(cfg: dict[str, Any], brain: BrainSlices, seed: int) -> Probl
 
 def radon_problem(cfg: dict[str, Any], brain: BrainSlices, seed: int) -> Problem:
     """Paper III-B: sinogram of the slice; the loss compares the Radon transform of the output with it."""
-    from equipet.radon import RadonTransform, backprojection, fbp, poisson_sinogram
+    from equipet.brain.radon import RadonTransform, backprojection, fbp, poisson_sinogram
 
     sec = cfg["radon_recon"]
     clean = brain.train.astype(np.float32)

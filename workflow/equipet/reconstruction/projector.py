@@ -23,7 +23,7 @@ with ``L_e = |p2 - p1|`` the LOR length (mm), ``q`` the endpoints in voxel-index
 
 TOF kernel: the event's TOF offset ``tof_mm`` is the signed distance of the most likely
 annihilation point from the LOR midpoint, **positive towards** ``p1`` (endpoint 1); see
-:func:`equipet.listmode.tof_offset_mm` for how it comes from GATE times. With
+:func:`equipet.reconstruction.listmode.tof_offset_mm` for how it comes from GATE times. With
 ``delta = (L/2 - t) - tof_mm`` the displacement of the sample from that point,
 
 .. math::

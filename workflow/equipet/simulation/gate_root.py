@@ -20,7 +20,7 @@ simulator orders each coincidence so that single 1 opened the window, hence
 Singles: the embedded simulator also writes the singles of each detection element in a
 ``singlesPerElement`` tree (what a scanner reports as singles rates); :func:`merge_root`
 sums them over jobs, and :func:`read_singles_counts` reads them (or counts GATE's own
-``Singles`` tree). The randoms estimate of :mod:`equipet.corrections` uses them.
+``Singles`` tree). The randoms estimate of :mod:`equipet.reconstruction.corrections` uses them.
 
 Split jobs: each job numbers its decays from 0 (as each GATE job does); :func:`merge_root`
 offsets ``eventID1/2`` by the decays of the preceding jobs (read from the ``equipet_meta``
@@ -41,12 +41,12 @@ import numpy as np
 
 from equipet.errors import InputDataError
 
-log = logging.getLogger("equipet.gate_root")
+log = logging.getLogger("equipet.simulation.gate_root")
 
 TREE = "Coincidences"
 META = "equipet_meta"
 #: singles per detection element (branch ``counts``, one entry per element in
-#: :meth:`equipet.scanner.Scanner.flat_index` order), written by the embedded simulator;
+#: :meth:`equipet.simulation.scanner.Scanner.flat_index` order), written by the embedded simulator;
 #: GATE's own per-single ``Singles`` tree (``setRootSinglesFlag 1``) carries the same information.
 SINGLES_TREE = "singlesPerElement"
 GATE_SINGLES_TREE = "Singles"

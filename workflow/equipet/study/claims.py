@@ -35,7 +35,7 @@ that one noisy epoch does not decide a verdict. The rules per claim (statistic p
 seed pair, and the condition it must meet) are in the ``rule`` column and in
 ``config/preregistration.md`` section 4. Smallest resolved size is ``NONE_RESOLVED_MM`` (10 mm)
 when even the largest rods are not. Resolved: valley-to-peak ratio at most
-``assisted.metrics.resolved_vpr_max`` on the last snapshot (:mod:`equipet.rod_metrics`).
+``assisted.metrics.resolved_vpr_max`` on the last snapshot (:mod:`equipet.assisted.rod_metrics`).
 """
 
 from __future__ import annotations
@@ -53,12 +53,13 @@ import numpy as np
 import pandas as pd
 
 from equipet import cli
-from equipet.assisted import plateau_epoch, running_mean
-from equipet.figures import run_labels
+from equipet.assisted.methods import plateau_epoch, running_mean
+from equipet.study.ablation import loss_instability, read_labels
+from equipet.runs import run_labels
 from equipet.errors import InputDataError
 from equipet.files import atomic_path
 
-log = logging.getLogger("equipet.claims")
+log = logging.getLogger("equipet.study.claims")
 
 REPRODUCED, NOT_REPRODUCED, NOT_COMPARABLE = "reproduced", "not reproduced", "not comparable"
 TIME_TOLERANCE = 3.0
@@ -109,8 +110,6 @@ def load_run(run_dir: Path) -> Run:
                              fix="rerun the training rule of this run") from exc
     labels = dict(run_labels(run_dir))
     if (run_dir / "configuration.json").exists():   # an ablation run: its own labels
-        from equipet.ablation import read_labels
-
         labels.update(read_labels(run_dir))
     return Run(labels["experiment"], labels["model"], int(labels["seed"]), labels.get("ctr_ps"),
                loss["loss"].to_numpy(float), loss["wall_time_s"].to_numpy(float), str(timing.get("device", "?")),
@@ -224,35 +223,6 @@ def _at_most(factor: float, paper: float) -> Callable[[float], bool]:
 def _join(*reasons: str | None) -> str | None:
     r = list(dict.fromkeys(x for x in reasons if x))     # drop repeats, keep the order
     return "; ".join(r) if r else None
-
-
-def loss_instability(losses: Sequence[float] | np.ndarray) -> float:
-    """Instability ``U`` of a loss curve (``config/preregistration.md``, section 4).
-
-    With ``l_k = log10 L_k`` and ``k*`` the epoch of the minimum loss,
-
-        U = sum_{k < k*} max(0, l_{k+1} - l_k) / (l_1 - l_{k*}),
-
-    the total rise of the log-loss on the way to its minimum relative to its net fall:
-    0 for a monotone decrease, larger for every spike. Scale-free; the epochs after the
-    minimum do not count. NaN when the loss never falls below its first value (or is not
-    positive).
-
-    >>> loss_instability([4.0, 2.0, 1.0])
-    0.0
-    >>> round(loss_instability([4.0, 8.0, 4.0, 1.0]), 6)    # one doubling on a 4x fall
-    0.5
-    """
-    l = np.asarray(losses, dtype=float)
-    if l.size < 2 or not np.all(np.isfinite(l)) or np.any(l <= 0):
-        return float("nan")
-    l = np.log10(l)
-    k_min = int(np.argmin(l))
-    fall = l[0] - l[k_min]
-    if not fall > 0:
-        return float("nan")
-    rises = np.clip(np.diff(l[: k_min + 1]), 0.0, None).sum()
-    return float(rises / fall)
 
 
 def smallest_resolved(resolved: Mapping[float, float]) -> float:

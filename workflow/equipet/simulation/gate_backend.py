@@ -1,4 +1,4 @@
-"""Running real GATE 9.3+ on the macros of :mod:`equipet.gate_macros` (the ``gate`` backend).
+"""Running real GATE 9.3+ on the macros of :mod:`equipet.simulation.gate_macros` (the ``gate`` backend).
 
 GATE cannot run in this project's test environment (it needs Geant4 data and, for GATE 10,
 internet), so the backend is opt-in: set ``acquisition.backend: gate`` and either put ``Gate``
@@ -12,7 +12,7 @@ runs ``Gate jobNNN.mac`` there and gets ``part_NNN.root``, which is validated (C
 tree present) and moved to the rule's output; the work directory is then removed.
 ``GateMaterials.db`` must be in the macro directory unless ``acquisition.gate.material_database``
 names it. The
-split jobs are merged exactly as for the builtin backend (:func:`equipet.gate_root.merge_root`).
+split jobs are merged exactly as for the builtin backend (:func:`equipet.simulation.gate_root.merge_root`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from equipet.errors import ConfigError, InputDataError
-from equipet.gate_macros import job_macro_name, job_output_name
+from equipet.simulation.gate_macros import job_macro_name, job_output_name
 
-log = logging.getLogger("equipet.gate_backend")
+log = logging.getLogger("equipet.simulation.gate_backend")
 
 CONTAINER_WORKDIR = "/APP"
 
@@ -104,7 +104,7 @@ def run_gate_job(gate: Mapping[str, Any], macro_dir: str | Path, job: int, out: 
         if not produced.exists():
             raise InputDataError(f"Gate finished but wrote no {produced.name}", where=str(macro_dir / macro),
                                  fix="check /gate/output/root/setFileName and setRootCoincidencesFlag 1")
-        from equipet.gate_root import coincidence_entries
+        from equipet.simulation.gate_root import coincidence_entries
 
         n = coincidence_entries(produced)
         out.parent.mkdir(parents=True, exist_ok=True)

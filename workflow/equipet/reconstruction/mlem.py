@@ -2,9 +2,9 @@
 
 **Model.** Event ``e`` (a LOR with a TOF offset) has the expected density
 ``\\bar y_e = \\eta_e \\sum_j a_{ej} x_j``, with ``a_{ej}`` the TOF Joseph weights of
-:class:`equipet.projector.ListmodeTOFProjector` and ``\\eta_e = \\exp(-\\int_{LOR_e}\\mu)``
+:class:`equipet.reconstruction.projector.ListmodeTOFProjector` and ``\\eta_e = \\exp(-\\int_{LOR_e}\\mu)``
 the attenuation of its LOR, times ``n_e`` its crystal-pair efficiency when ``mlem.normalisation``
-is on (:mod:`equipet.normalisation`; both written ``eta_e`` below). The list-mode EM update is
+is on (:mod:`equipet.reconstruction.normalisation`; both written ``eta_e`` below). The list-mode EM update is
 
 .. math::
 
@@ -12,7 +12,7 @@ is on (:mod:`equipet.normalisation`; both written ``eta_e`` below). The list-mod
               = \\frac{x^k_j}{s_j} \\big[A^T (1 / A x^k)\\big]_j,
     \\qquad s_j = \\sum_{\\text{all LORs } L} \\eta_L \\, \\bar a_{Lj}.
 
-With all prompts (:mod:`equipet.corrections`) the denominator becomes
+With all prompts (:mod:`equipet.reconstruction.corrections`) the denominator becomes
 ``\\eta_e \\sum_i a_{ei} x_i + r_e + s_e`` (randoms and scatter densities per element pair and
 mm of TOF offset), i.e. ``A x + b`` with ``b_e = (r_e + s_e)/\\eta_e`` once ``\\eta_e`` is divided out.
 
@@ -56,7 +56,7 @@ crystal pair counts with equal detection efficiency, although the simulated dete
 uniform: penetration makes the front DOI layer detect about 65% of the photons and the back one
 35%, and oblique pairs and the axial end rings differ. With it on, the efficiency of each pair
 is the product of per-end components (DOI layer, axial ring, incidence angle) fitted to a
-simulated blank scan (:mod:`equipet.normalisation`). With ``lor_endpoints=global`` the events'
+simulated blank scan (:mod:`equipet.reconstruction.normalisation`). With ``lor_endpoints=global`` the events'
 LORs end at exact interaction points while ``s`` is still summed over crystal-centre LORs.
 
 The sidecar ``<sensitivity>.json`` holds the settings it was computed for (scanner,
@@ -67,7 +67,6 @@ file whose key does not match the current settings, so a stale cache never enter
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -79,21 +78,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from equipet.corrections import check_corrections, prompts_per_element
+from equipet.reconstruction.corrections import check_corrections, prompts_per_element
 from equipet.errors import ConfigError, InputDataError
 from equipet.files import atomic_path
-from equipet.projector import ImageGeometry, ListmodeTOFProjector, tof_fwhm_mm
-from equipet.scanner import Scanner
+from equipet.reconstruction.projector import ImageGeometry, ListmodeTOFProjector, tof_fwhm_mm
+from equipet.reconstruction.geometry import (box_with_halo, candidate_rsector_offsets, image_geometry, key_hash,
+                                             lor_hits_box, sample_pairs)
+from equipet.reconstruction.stage import stage_setup
+from equipet.simulation.scanner import Scanner
 
-log = logging.getLogger("equipet.mlem")
+log = logging.getLogger("equipet.reconstruction.mlem")
 
 CPU_CHUNK_EVENTS = 16384
 GPU_CHUNK_EVENTS = 1 << 20
-
-
-def image_geometry(mlem: Mapping[str, Any]) -> ImageGeometry:
-    """The reconstruction grid from the ``mlem`` section (centred, cubic voxels)."""
-    return ImageGeometry.from_fov(mlem["fov_mm"], mlem["voxel_size_mm"])
 
 
 def tof_kernel_fwhm_mm(ctr_ps: float, scanner: Scanner, mlem: Mapping[str, Any],
@@ -108,7 +105,7 @@ def tof_kernel_fwhm_mm(ctr_ps: float, scanner: Scanner, mlem: Mapping[str, Any],
     .. math:: \mathrm{FWHM}_{eff}^2 = (c\,\mathrm{CTR}/2)^2 + 8 \ln 2 \; \sigma_{DOI}^2 .
 
     ``doi_sigma_mm`` is the one measured on the perfect-timing blank scan
-    (:mod:`equipet.normalisation`, 2.64 mm for the default scanner: 7.49 -> 9.74 mm FWHM at
+    (:mod:`equipet.reconstruction.normalisation`, 2.64 mm for the default scanner: 7.49 -> 9.74 mm FWHM at
     50 ps). Without it, depths uniform within each layer of thickness ``d``, independent at both
     ends, give ``sigma_DOI^2 = d^2 / 24`` (2.04 mm for 10 mm layers), which leaves out
     inter-crystal scatter and is about 9% too narrow at 50 ps on the simulated data. With
@@ -139,40 +136,6 @@ def chunk_events(mlem: Mapping[str, Any], device: torch.device) -> int:
 
 # ---------------------------------------------------------------------------------------
 # geometry helpers
-def lor_hits_box(p1: np.ndarray, p2: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Whether each segment ``p1 -> p2`` intersects the axis-aligned box ``[lo, hi]`` (slab test)."""
-    d = p2 - p1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t1 = (lo - p1) / d
-        t2 = (hi - p1) / d
-    tmin = np.where(d == 0, np.where((p1 >= lo) & (p1 <= hi), -np.inf, np.inf), np.minimum(t1, t2))
-    tmax = np.where(d == 0, np.where((p1 >= lo) & (p1 <= hi), np.inf, -np.inf), np.maximum(t1, t2))
-    t_enter = np.maximum(tmin.max(axis=1), 0.0)
-    t_exit = np.minimum(tmax.min(axis=1), 1.0)
-    return t_enter <= t_exit
-
-
-def _box_with_halo(geometry: ImageGeometry) -> tuple[np.ndarray, np.ndarray]:
-    org = np.asarray(geometry.origin_mm)
-    vox = np.asarray(geometry.voxel_size_mm)
-    n = np.asarray(geometry.shape)
-    return org - vox, org + n * vox          # one voxel of interpolation halo each side
-
-
-def candidate_rsector_offsets(scanner: Scanner, radius_mm: float) -> np.ndarray:
-    """Rsector offsets whose crystal-centre LORs can pass within ``radius_mm`` of the axis (transaxially)."""
-    n_t, n_l = scanner.pixels_transaxial, scanner.doi_layers
-    iy, layer = np.meshgrid(np.arange(n_t), np.arange(n_l), indexing="ij")
-    iy, layer = iy.ravel(), layer.ravel()
-    a = scanner.crystal_centres_mm(0, 0, iy, layer)[:, :2]
-    out = []
-    for delta in range(1, scanner.modules_per_ring):
-        b = scanner.crystal_centres_mm(delta, 0, iy, layer)[:, :2]
-        cross = np.abs(a[:, None, 0] * b[None, :, 1] - b[None, :, 0] * a[:, None, 1])
-        dist = cross / np.linalg.norm(b[None, :, :] - a[:, None, :], axis=-1)
-        if dist.min() <= radius_mm:
-            out.append(delta)
-    return np.asarray(out, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,19 +151,6 @@ def sensitivity_key(scanner: Mapping[str, Any], phantom: Mapping[str, Any], mlem
     if norm.get("enabled"):
         key["normalisation"] = dict(norm)
     return key
-
-
-def key_hash(key: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _sample_pairs(scanner: Scanner, offsets: np.ndarray, n: int, rng: np.random.Generator):
-    per_rsector = scanner.rings * scanner.crystals_per_module * scanner.doi_layers
-    i = rng.integers(0, scanner.n_crystals, n)
-    rs_i = i // per_rsector
-    rs_j = (rs_i + offsets[rng.integers(0, len(offsets), n)]) % scanner.modules_per_ring
-    j = rs_j * per_rsector + rng.integers(0, per_rsector, n)
-    return i, j
 
 
 def symmetry_ops(scanner: Scanner, geometry: ImageGeometry) -> list[Callable[[torch.Tensor], torch.Tensor]]:
@@ -241,13 +191,13 @@ def sensitivity_image(scanner: Scanner, geometry: ImageGeometry, n_lors: int,
     ``symmetrise`` averages each batch over :func:`symmetry_ops` (exact symmetries of the
     expectation when the mu-map has them, as the phantom's water cylinder does), which divides
     the noise variance by up to 16 at no cost. ``efficiency`` (a
-    :class:`equipet.normalisation.Normalisation`), when given, weights each line by its
+    :class:`equipet.reconstruction.normalisation.Normalisation`), when given, weights each line by its
     crystal-pair efficiency ``n_L``: ``s_j = sum_L n_L exp(-int mu) a_Lj`` (its components share
     the symmetries above).
     """
     device = torch.device(device)
     t0 = time.perf_counter()
-    lo, hi = _box_with_halo(geometry)
+    lo, hi = box_with_halo(geometry)
     radius = float(np.linalg.norm(np.maximum(np.abs(lo[:2]), np.abs(hi[:2]))))
     offsets = candidate_rsector_offsets(scanner, radius)
     per_rsector = scanner.rings * scanner.crystals_per_module * scanner.doi_layers
@@ -256,7 +206,7 @@ def sensitivity_image(scanner: Scanner, geometry: ImageGeometry, n_lors: int,
     centres = scanner.all_crystal_centres_mm()
 
     pilot = 200_000
-    i, j = _sample_pairs(scanner, offsets, pilot, rng)
+    i, j = sample_pairs(scanner, offsets, pilot, rng)
     frac = max(lor_hits_box(centres[i], centres[j], lo, hi).mean(), 1.0 / pilot)
     n_draws = int(math.ceil(n_lors / frac))
     per_batch = int(math.ceil(n_draws / batches))
@@ -280,7 +230,7 @@ def sensitivity_image(scanner: Scanner, geometry: ImageGeometry, n_lors: int,
         while left > 0:
             m = min(draw_block, left)
             left -= m
-            i, j = _sample_pairs(scanner, offsets, m, rng)
+            i, j = sample_pairs(scanner, offsets, m, rng)
             p1, p2 = centres[i], centres[j]
             hit = lor_hits_box(p1, p2, lo, hi)
             n_used += int(hit.sum())
@@ -318,7 +268,7 @@ def sensitivity_image(scanner: Scanner, geometry: ImageGeometry, n_lors: int,
 
 def phantom_mu_map(phantom_cfg: Mapping[str, Any], voxel_size_mm: float) -> tuple[np.ndarray, ImageGeometry]:
     """The phantom's mu-map (1/mm) on a centred grid covering the whole water cylinder."""
-    from equipet.phantom import hot_rod_phantom
+    from equipet.simulation.phantom import hot_rod_phantom
 
     ph = hot_rod_phantom(phantom_cfg)
     shape = ph.default_shape(voxel_size_mm)
@@ -384,7 +334,7 @@ def listmode_mlem(events_p1: torch.Tensor, events_p2: torch.Tensor, tof_mm: torc
     seconds)`` is called after every full iteration (1-based). ``cache_mb`` lets the
     projectors keep that much of the system matrix between iterations (split over subsets).
     ``additive`` (N,), optional, is the per-event additive term ``b_e = (r_e + s_e) / eta_e``
-    of randoms and scatter (:mod:`equipet.corrections`), in the units of ``A x``.
+    of randoms and scatter (:mod:`equipet.reconstruction.corrections`), in the units of ``A x``.
     Returns the last image.
     """
     s = sensitivity
@@ -439,7 +389,7 @@ def event_eta(ev: Any, scanner: Scanner, mlem: Mapping[str, Any], phantom: Mappi
               efficiency: Any, device: torch.device) -> torch.Tensor:
     """``eta_e = n_e exp(-int mu)`` of each event: crystal-pair efficiency times attenuation.
 
-    ``n_e`` comes from ``efficiency`` (:meth:`equipet.normalisation.Normalisation.pair_efficiency`
+    ``n_e`` comes from ``efficiency`` (:meth:`equipet.reconstruction.normalisation.Normalisation.pair_efficiency`
     of the event's elements and LOR ends; 1 when ``None``), the attenuation from the phantom's
     mu-map when ``mlem.attenuation`` (1 otherwise). The same factors weight the sensitivity image.
     """
@@ -493,21 +443,21 @@ def prompt_corrections(corrections: Sequence[str], cfg: Mapping[str, Any], scann
                        geom: ImageGeometry, sens: torch.Tensor, ctr_ps: float,
                        device: torch.device, doi_sigma_mm: float | None = None,
                        efficiency: Any = None) -> tuple[torch.Tensor, dict]:
-    """The per-event additive term ``b_e = (r_e + s_e) / eta_e`` (:mod:`equipet.corrections`).
+    """The per-event additive term ``b_e = (r_e + s_e) / eta_e`` (:mod:`equipet.reconstruction.corrections`).
 
     ``eta_e = n_e exp(-int mu)`` is the factor the model puts on ``(A x)_e`` (module docstring):
     the crystal-pair efficiency ``n_e`` of ``efficiency`` (a
-    :class:`equipet.normalisation.Normalisation`, the one the sensitivity image was weighted
+    :class:`equipet.reconstruction.normalisation.Normalisation`, the one the sensitivity image was weighted
     with; ``None`` = 1) times the LOR's attenuation (:func:`event_eta`).
     ``ev`` holds the events crossing the image box (with element indices), ``prompts_el``
     the prompts per element of the whole file. Scatter is estimated ``scatter.rounds`` times,
     each time from an MLEM image of ``scatter.estimate_iterations`` iterations reconstructed
     with the current additive term.
     """
-    from equipet.corrections import ScatterBins, SinglesModel, estimate_scatter, pair_measure, scatter_settings
-    from equipet.gate_root import read_singles_counts
-    from equipet.montecarlo import AcquisitionSettings
-    from equipet.phantom import hot_rod_phantom
+    from equipet.reconstruction.corrections import ScatterBins, SinglesModel, estimate_scatter, pair_measure, scatter_settings
+    from equipet.simulation.gate_root import read_singles_counts
+    from equipet.simulation.montecarlo import AcquisitionSettings
+    from equipet.simulation.phantom import hot_rod_phantom
 
     acq_cfg = dict(cfg.get("acquisition") or {})
     acq = AcquisitionSettings.from_config(acq_cfg)
@@ -539,8 +489,7 @@ def prompt_corrections(corrections: Sequence[str], cfg: Mapping[str, Any], scann
     if "scatter" in corrections:
         sc = scatter_settings(mlem)
         ph = hot_rod_phantom(phantom)
-        ev_read_tof_sum = float(np.sum(ev.tof_mm, dtype=np.float64))
-        lo, hi = _box_with_halo(geom)
+        lo, hi = box_with_halo(geom)
         s_max = float(np.linalg.norm(np.maximum(np.abs(lo[:2]), np.abs(hi[:2]))))
         fwhm = tof_kernel_fwhm_mm(ctr_ps, scanner, mlem, doi_sigma_mm)
         bins = ScatterBins.make(scanner, s_max, ph.diameter_mm / 2, fwhm if mlem["tof"] else None,
@@ -564,37 +513,6 @@ def prompt_corrections(corrections: Sequence[str], cfg: Mapping[str, Any], scann
 
 # ---------------------------------------------------------------------------------------
 # command-line entry points
-def _add_threads_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (Snakemake passes {threads}); 0 keeps torch's default")
-
-
-def _apply_threads(n: int) -> None:
-    if n > 0:
-        torch.set_num_threads(n)
-
-
-def _settings(cfg: Mapping[str, Any]) -> tuple[Scanner, dict, dict]:
-    try:
-        return Scanner.from_config(cfg["scanner"]), dict(cfg["mlem"]), dict(cfg.get("phantom", {}))
-    except KeyError as exc:
-        raise ConfigError(f"section {exc} missing from the settings", where="--settings",
-                          fix="pass the scanner, phantom and mlem sections") from exc
-
-
-def _stage_setup(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
-    """Common start of the reconstruction CLIs: shared arguments, logging, threads, settings, device."""
-    from equipet.cli import add_common_arguments, settings_from_args, setup_logging
-    from equipet.device import select_device
-
-    add_common_arguments(parser)
-    _add_threads_argument(parser)
-    args = parser.parse_args(argv)
-    setup_logging(args.log)
-    _apply_threads(args.threads)
-    cfg = settings_from_args(args)
-    scanner, mlem, phantom = _settings(cfg)
-    return args, cfg, scanner, mlem, phantom, select_device(cfg.get("device", "auto"))
 
 
 def _efficiency(path: Path | None, cfg: Mapping[str, Any], mlem: Mapping[str, Any], stage: str) -> Any:
@@ -602,7 +520,7 @@ def _efficiency(path: Path | None, cfg: Mapping[str, Any], mlem: Mapping[str, An
     a missing file or one computed for other settings."""
     if not (mlem.get("normalisation") or {}).get("enabled"):
         return None
-    from equipet.normalisation import blank_radius_mm, load_normalisation, normalisation_key
+    from equipet.reconstruction.normalisation import blank_radius_mm, load_normalisation, normalisation_key
 
     if path is None:
         raise ConfigError(f"mlem.normalisation.enabled needs the blank-scan normalisation in {stage}",
@@ -619,7 +537,7 @@ def sensitivity_main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--out", type=Path, required=True, help="sensitivity image, .nii.gz")
         p.add_argument("--normalisation", type=Path, default=None,
                        help="from equipet-normalisation; required when mlem.normalisation.enabled")
-        args, cfg, scanner, mlem, phantom, device = _stage_setup(p, argv)
+        args, cfg, scanner, mlem, phantom, device = stage_setup(p, argv)
         geom = image_geometry(mlem)
         efficiency = _efficiency(args.normalisation, cfg, mlem, "equipet-sensitivity")
         mu, mu_geom = (phantom_mu_map(phantom, mlem["voxel_size_mm"]) if mlem["attenuation"] else (None, None))
@@ -641,7 +559,7 @@ def sensitivity_main(argv: Sequence[str] | None = None) -> None:
 def mlem_main(argv: Sequence[str] | None = None) -> None:
     """``equipet-mlem``: list-mode TOF MLEM of one acquisition, one NIfTI per iteration."""
     from equipet.cli import run
-    from equipet.listmode import read_listmode
+    from equipet.reconstruction.listmode import read_listmode
 
     def _main(argv: Sequence[str] | None) -> None:
         p = argparse.ArgumentParser(prog="equipet-mlem", description=mlem_main.__doc__)
@@ -652,7 +570,7 @@ def mlem_main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--normalisation", type=Path, default=None,
                        help="from equipet-normalisation; required with mlem.corrections when "
                             "mlem.normalisation.enabled (the additive term is divided by n_e)")
-        args, cfg, scanner, mlem, phantom, device = _stage_setup(p, argv)
+        args, cfg, scanner, mlem, phantom, device = stage_setup(p, argv)
         geom = image_geometry(mlem)
         sens = load_sensitivity(args.sensitivity, geom, sensitivity_key(cfg["scanner"], phantom, mlem))
         doi_sigma = sensitivity_doi_sigma_mm(args.sensitivity)
@@ -668,7 +586,7 @@ def mlem_main(argv: Sequence[str] | None = None) -> None:
             raise InputDataError("no events left after selection", where=str(args.coincidences),
                                  fix="check the energy window and mlem.events, or the simulation output")
         ev_read_tof_sum = float(np.sum(ev.tof_mm, dtype=np.float64))
-        lo, hi = _box_with_halo(geom)
+        lo, hi = box_with_halo(geom)
         hit = lor_hits_box(ev.p1_mm.astype(np.float64), ev.p2_mm.astype(np.float64), lo, hi)
         log.info("%d of %d events cross the image box", int(hit.sum()), len(ev))
         prompts_el = (prompts_per_element(scanner, ev.element1, ev.element2) if corrections else None)

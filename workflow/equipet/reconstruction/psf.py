@@ -1,14 +1,14 @@
 """The system's measured point-source response and the CRC of the truth blurred with it.
 
 **Point sources.** A point source (``mlem.psf.decays`` decays, no positron range) is simulated
-with the embedded Monte Carlo (:class:`equipet.montecarlo.Simulator`, its ``source`` hook) in
+with the embedded Monte Carlo (:class:`equipet.simulation.montecarlo.Simulator`, its ``source`` hook) in
 the configured scanner *and phantom* (same attenuation and scatter in the water cylinder), at
 the CTR of the acquisition, with ``randoms: false``; two positions: the image centre and the
 rods' mean radius ``r_rods = mean_k |c_k|`` over the rod centres ``c_k``, placed on the +x axis
 (so x is radial and y tangential there). Its unscattered trues (``mlem.events: trues``
 selection; the system response, scatter being a separate additive term) are reconstructed
 exactly as the acquisition is: the same sensitivity image, TOF kernel
-(:func:`equipet.mlem.tof_kernel_fwhm_mm`, with the blank scan's DOI spread), iterations,
+(:func:`equipet.reconstruction.mlem.tof_kernel_fwhm_mm`, with the blank scan's DOI spread), iterations,
 subsets, support and LOR endpoints.
 
 **Fit.** Around the peak (a cube of half-width ``mlem.psf.window_mm``) the image is summed
@@ -19,7 +19,7 @@ onto each axis (the projections of a 3-D Gaussian are Gaussians of the same widt
 .. math:: p_i = \\frac{A}{v} \\int_{x_i - v/2}^{x_i + v/2} e^{-(u - \\mu)^2 / 2 \\sigma^2}\\, du + b,
 
 so the fitted ``FWHM = 2 sqrt(2 ln 2) sigma`` is the continuous response, without the voxel's
-box, which the volume-averaged truth (:func:`equipet.recon_metrics.phantom_truth`) already
+box, which the volume-averaged truth (:func:`equipet.reconstruction.recon_metrics.phantom_truth`) already
 carries. A profile that does not determine the four parameters (fewer than 5 planes, or a
 singular fit, e.g. a response all in one plane, narrower than the voxel can show) gives a NaN
 FWHM on that axis, with a warning in the log; a NaN axial width adds no axial blur to the
@@ -28,7 +28,7 @@ azimuth, so the in-plane blur is isotropic with the quadrature mean of the radia
 widths, ``FWHM_xy = sqrt((FWHM_r^2 + FWHM_t^2) / 2)`` (same in-plane variance), and z as fitted.
 
 **Blurred truth.** Per CTR and position, the truth blurred with that Gaussian gives
-``crc_blurred_truth`` per rod size (:mod:`equipet.recon_metrics`): the CRC of the rods if
+``crc_blurred_truth`` per rod size (:mod:`equipet.reconstruction.recon_metrics`): the CRC of the rods if
 the reconstruction were the truth seen through this point response (partial volume at the
 resolution an isolated point reaches). Next to it ``crc_mlem``, the CRC of the acquisition's
 last MLEM iteration, and ``crc_fraction = crc_mlem / crc_blurred_truth``.
@@ -55,16 +55,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from equipet.projector import ImageGeometry
+from equipet.reconstruction.projector import ImageGeometry
 
-log = logging.getLogger("equipet.psf")
+log = logging.getLogger("equipet.reconstruction.psf")
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 def rods_mean_radius_mm(phantom_cfg: Mapping[str, Any]) -> float:
     """Mean distance of the rod centres from the axis, mm."""
-    from equipet.phantom import hot_rod_phantom
+    from equipet.simulation.phantom import hot_rod_phantom
 
     rods = hot_rod_phantom(phantom_cfg).rods
     return float(np.hypot(rods[:, 0], rods[:, 1]).mean())
@@ -74,9 +74,9 @@ def simulate_point_source(scanner: Any, phantom_cfg: Mapping[str, Any], acq_cfg:
                           position_mm: Sequence[float], decays: int, ctr_ps: float, seed: int,
                           lor_endpoints: str = "crystal", energy_window_kev: Sequence[float] | None = None):
     """Unscattered true coincidences of a point source at ``position_mm`` (module doc), as list-mode events."""
-    from equipet.listmode import convert_chunk
-    from equipet.montecarlo import AcquisitionSettings, Simulator
-    from equipet.phantom import hot_rod_phantom
+    from equipet.reconstruction.listmode import convert_chunk
+    from equipet.simulation.montecarlo import AcquisitionSettings, Simulator
+    from equipet.simulation.phantom import hot_rod_phantom
 
     pos = np.asarray(position_mm, dtype=np.float64).reshape(1, 3)
 
@@ -142,9 +142,10 @@ def fit_fwhm_mm(image: np.ndarray, geometry: ImageGeometry, window_mm: float) ->
 def reconstruct_point(events: Any, sensitivity: torch.Tensor, geometry: ImageGeometry, mlem: Mapping[str, Any],
                       tof_fwhm_mm: float, device: torch.device) -> np.ndarray:
     """The point source's image after ``mlem.iterations``, with the acquisition's MLEM settings."""
-    from equipet.mlem import _box_with_halo, chunk_events, listmode_mlem, lor_hits_box
+    from equipet.reconstruction.geometry import box_with_halo, lor_hits_box
+    from equipet.reconstruction.mlem import chunk_events, listmode_mlem
 
-    lo, hi = _box_with_halo(geometry)
+    lo, hi = box_with_halo(geometry)
     ev = events.subset(lor_hits_box(events.p1_mm.astype(np.float64), events.p2_mm.astype(np.float64), lo, hi))
     p1, p2, tof = ev.to_torch(device)
     x = listmode_mlem(p1, p2, tof if mlem["tof"] else None, sensitivity, geometry, mlem["iterations"],
@@ -198,7 +199,7 @@ def blurred_truth_rows(psf: Mapping[str, Any], truth: np.ndarray, rods: Mapping[
                  ratio: float, geometry: ImageGeometry,
                  mlem_crc: Mapping[float, float] | None = None) -> list[dict[str, Any]]:
     """Tidy rows per PSF position and rod size: ``crc_blurred_truth``, ``crc_mlem``, ``crc_fraction`` (module doc)."""
-    from equipet.recon_metrics import reference_ratios
+    from equipet.reconstruction.recon_metrics import reference_ratios
 
     rows = []
     for name, fit in psf["positions"].items():
@@ -222,14 +223,15 @@ def psf_main(argv: Sequence[str] | None = None) -> None:
 
     def _main(argv: Sequence[str] | None) -> None:
         from equipet.files import atomic_path
-        from equipet.mlem import (_stage_setup, image_geometry, load_sensitivity, sensitivity_doi_sigma_mm,
-                                  sensitivity_key, tof_kernel_fwhm_mm)
+        from equipet.reconstruction.stage import stage_setup
+        from equipet.reconstruction.geometry import image_geometry
+        from equipet.reconstruction.mlem import load_sensitivity, sensitivity_doi_sigma_mm, sensitivity_key, tof_kernel_fwhm_mm
 
         p = argparse.ArgumentParser(prog="equipet-psf", description=psf_main.__doc__)
         p.add_argument("--sensitivity", type=Path, required=True, help="from equipet-sensitivity")
         p.add_argument("--ctr-ps", type=float, required=True, help="coincidence time resolution, ps FWHM")
         p.add_argument("--out", type=Path, required=True, help="psf.json")
-        args, cfg, scanner, mlem, phantom, device = _stage_setup(p, argv)
+        args, cfg, scanner, mlem, phantom, device = stage_setup(p, argv)
         geom = image_geometry(mlem)
         sens = load_sensitivity(args.sensitivity, geom, sensitivity_key(cfg["scanner"], phantom, mlem))
         fwhm = tof_kernel_fwhm_mm(args.ctr_ps, scanner, mlem, sensitivity_doi_sigma_mm(args.sensitivity))
@@ -250,8 +252,8 @@ def blurred_truth_main(argv: Sequence[str] | None = None) -> None:
 
         from equipet.errors import InputDataError
         from equipet.files import atomic_path
-        from equipet.mlem import image_geometry
-        from equipet.recon_metrics import phantom_rois, phantom_truth
+        from equipet.reconstruction.geometry import image_geometry
+        from equipet.reconstruction.recon_metrics import phantom_rois, phantom_truth
 
         p = argparse.ArgumentParser(prog="equipet-crc-blurred-truth", description=blurred_truth_main.__doc__)
         add_common_arguments(p)

@@ -1,6 +1,6 @@
 """Crystal-pair detection efficiency (normalisation) from a simulated blank scan.
 
-**Model.** The system matrix of :mod:`equipet.mlem` has one line per pair of detection
+**Model.** The system matrix of :mod:`equipet.reconstruction.mlem` has one line per pair of detection
 elements (crystal, DOI layer) joining their centres. The simulated detector does not see
 every such line equally: photons penetrate (the front layer detects about 65% of the photons,
 the back one 35%), oblique photons cross more crystal and are assigned to the element of their
@@ -18,7 +18,7 @@ that end: the angle between the line and the inward normal of the element's modu
 (``cos theta = -u . n_k``, ``n_k = (cos phi_k, sin phi_k, 0)``), in ``angle_bins`` bins of
 ``Delta theta = 90 deg / angle_bins``.
 
-**Blank scan.** The embedded simulator (:mod:`equipet.montecarlo`, same physics as the
+**Blank scan.** The embedded simulator (:mod:`equipet.simulation.montecarlo`, same physics as the
 acquisitions) is run on a uniform cylinder of activity in air (radius ``radius_mm``, the image's
 bounding circle; length = the scanner's axial length; no randoms). Its expected counts on line
 ``L`` in the line model are ``c n_L chi_L`` with ``chi_L`` the chord of the line through the
@@ -34,14 +34,14 @@ maximised by the fixed point
 iterated from ``h = 1`` (:func:`fit_components`). ``h`` is scaled so that the ``E``-weighted
 mean of ``n_L`` over all lines is 1 (the image stays in the same arbitrary units).
 
-The sensitivity image then sums ``eta_L n_L a_Lj`` (:func:`equipet.mlem.sensitivity_image`
+The sensitivity image then sums ``eta_L n_L a_Lj`` (:func:`equipet.reconstruction.mlem.sensitivity_image`
 with ``efficiency=``); in the event loop a per-event factor cancels (module doc of
-:mod:`equipet.mlem`), so normalisation enters only through the sensitivity, like attenuation.
+:mod:`equipet.reconstruction.mlem`), so normalisation enters only through the sensitivity, like attenuation.
 
 The blank scan is simulated with perfect timing (CTR 0): the TOF offsets of its coincidences
 then differ from those expected from their source points (LOR between crystal centres) only by
 the depth of interaction and inter-crystal scatter. Their standard deviation,
-``doi_tof_sigma_mm``, widens the TOF kernel (:func:`equipet.mlem.tof_kernel_fwhm_mm`).
+``doi_tof_sigma_mm``, widens the TOF kernel (:func:`equipet.reconstruction.mlem.tof_kernel_fwhm_mm`).
 
 Not modelled: dependences beyond layer and incidence angle (e.g. the transaxial position of a
 crystal in its module, the axial end crystals); the tests check the model's predictions per
@@ -63,9 +63,9 @@ from typing import Any
 import numpy as np
 
 from equipet.files import atomic_path
-from equipet.scanner import Scanner
+from equipet.simulation.scanner import Scanner
 
-log = logging.getLogger("equipet.normalisation")
+log = logging.getLogger("equipet.reconstruction.normalisation")
 
 
 def end_class(scanner: Scanner, element: np.ndarray, p_end: np.ndarray, p_other: np.ndarray,
@@ -125,8 +125,8 @@ class BlankScan:
         (CTR 0), so with ``with_doi_residual`` it also returns each coincidence's TOF offset minus
         the one expected from its source point with the LOR between the crystal centres: the
         depth-of-interaction part of the TOF error (:func:`doi_tof_sigma_mm`)."""
-        from equipet.montecarlo import AcquisitionSettings, Simulator
-        from equipet.phantom import hot_rod_phantom
+        from equipet.simulation.montecarlo import AcquisitionSettings, Simulator
+        from equipet.simulation.phantom import hot_rod_phantom
 
         acq = AcquisitionSettings.from_config(acq_cfg, duration_s=1.0, n_jobs=1, seed=self.seed, randoms=False)
         R, H = self.radius_mm, scanner.axial_length_mm / 2.0
@@ -143,7 +143,7 @@ class BlankScan:
         i, j = scanner.flat_index(*ids[0]), scanner.flat_index(*ids[1])
         if not with_doi_residual:
             return i, j
-        from equipet.listmode import lor_endpoints_mm, tof_sign_residual_mm
+        from equipet.reconstruction.listmode import lor_endpoints_mm, tof_sign_residual_mm
 
         p1, p2 = lor_endpoints_mm(data, scanner, "crystal")
         return i, j, tof_sign_residual_mm(data, p1, p2)
@@ -172,8 +172,8 @@ def class_pair_chords(scanner: Scanner, radius_mm: float, angle_bins: int, n_pai
                       seed: int = 0) -> np.ndarray:
     """Symmetric ``E_km = sum over lines of class pair (k, m) of the chord through the blank
     cylinder`` (both orders), estimated from ``n_pairs`` ordered element pairs drawn uniformly
-    among those whose rsectors can see the cylinder (:func:`equipet.mlem._sample_pairs`)."""
-    from equipet.mlem import _sample_pairs, candidate_rsector_offsets
+    among those whose rsectors can see the cylinder (:func:`equipet.reconstruction.mlem.sample_pairs`)."""
+    from equipet.reconstruction.geometry import sample_pairs, candidate_rsector_offsets
 
     offsets = candidate_rsector_offsets(scanner, radius_mm)
     per_rsector = scanner.rings * scanner.crystals_per_module * scanner.doi_layers
@@ -187,7 +187,7 @@ def class_pair_chords(scanner: Scanner, radius_mm: float, angle_bins: int, n_pai
     while left > 0:
         n = min(left, 1 << 20)
         left -= n
-        i, j = _sample_pairs(scanner, offsets, n, rng)
+        i, j = sample_pairs(scanner, offsets, n, rng)
         chord = cylinder_chord_mm(c[i], c[j], radius_mm, H)
         hit = chord > 0
         i, j, chord = i[hit], j[hit], chord[hit]
@@ -262,16 +262,16 @@ def normalisation_key(scanner: Mapping[str, Any], mlem: Mapping[str, Any], radiu
 
 def blank_radius_mm(mlem: Mapping[str, Any]) -> float:
     """Radius of the blank cylinder: the bounding circle of the image box with its one-voxel halo."""
-    from equipet.mlem import _box_with_halo, image_geometry
+    from equipet.reconstruction.geometry import box_with_halo, image_geometry
 
-    lo, hi = _box_with_halo(image_geometry(mlem))
+    lo, hi = box_with_halo(image_geometry(mlem))
     return float(np.linalg.norm(np.maximum(np.abs(lo[:2]), np.abs(hi[:2]))))
 
 
 def load_normalisation(path: str | Path, key: Mapping[str, Any]) -> Normalisation:
     """Read a normalisation JSON, refusing one computed for other settings."""
     from equipet.errors import InputDataError
-    from equipet.mlem import key_hash
+    from equipet.reconstruction.geometry import key_hash
 
     path = Path(path)
     try:
@@ -290,11 +290,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     from equipet.cli import run
 
     def _main(argv: Sequence[str] | None) -> None:
-        from equipet.mlem import _stage_setup, key_hash
+        from equipet.reconstruction.stage import stage_setup
+        from equipet.reconstruction.geometry import key_hash
 
         p = argparse.ArgumentParser(prog="equipet-normalisation", description=main.__doc__)
         p.add_argument("--out", type=Path, required=True, help="normalisation JSON")
-        args, cfg, scanner, mlem, _, _ = _stage_setup(p, argv)
+        args, cfg, scanner, mlem, _, _ = stage_setup(p, argv)
         ns = mlem["normalisation"]
         radius = blank_radius_mm(mlem)
         norm, info = blank_scan_normalisation(scanner, radius, ns["blank_decays"], ns["angle_bins"],

@@ -6,7 +6,7 @@
     one figure per CTR: images (truth, early-MLEM input, best MLEM + Gaussian baseline, CNN
     and SCNN at their last snapshot, first seed), the rod-sector line profiles of every rod
     size through the same images (the outermost row of each sector, as scored by the
-    valley-to-peak ratio of :mod:`equipet.rod_metrics`), and the loss curves of every seed with
+    valley-to-peak ratio of :mod:`equipet.assisted.rod_metrics`), and the loss curves of every seed with
     a zoom on the first 1000 epochs (Fig. 4b-c, 5b).
 ``crc``
     CTR x model: CRC and valley-to-peak ratio per rod size, mean and sd over seeds, networks
@@ -32,10 +32,10 @@ import pandas as pd  # noqa: E402
 
 from equipet import cli  # noqa: E402
 from equipet.errors import InputDataError  # noqa: E402
-from equipet.figures import collect_losses, read_tables  # noqa: E402
+from equipet.runs import collect_losses, read_tables
 from equipet.files import atomic_path  # noqa: E402
 
-log = logging.getLogger("equipet.recon_figures")
+log = logging.getLogger("equipet.assisted.figures")
 
 LABELS = {"cnn": "CNN-assisted", "scnn": "SCNN-assisted", "mlem_early": "MLEM (early)",
           "mlem_best": "MLEM (best it.)", "mlem_best_gauss": "MLEM best + Gauss", "mlem": "MLEM"}
@@ -70,9 +70,9 @@ def final_rows(metrics: pd.DataFrame) -> pd.DataFrame:
 def assisted_figure(slice_npz: Path, run_dirs: Sequence[Path], phantom_cfg: dict, out: Path,
                     method: str = "") -> None:
     """Fig. 4/5 equivalent for one CTR and method (module doc)."""
-    from equipet.central_slice import geometry_from_npz
-    from equipet.phantom import hot_rod_phantom
-    from equipet.rod_metrics import outer_row, row_profile
+    from equipet.assisted.central_slice import geometry_from_npz
+    from equipet.simulation.phantom import hot_rod_phantom
+    from equipet.assisted.rod_metrics import outer_row, row_profile
 
     data = np.load(slice_npz)
     geom = geometry_from_npz(data)

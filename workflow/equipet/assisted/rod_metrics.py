@@ -1,6 +1,6 @@
 """Rod-resolvability and slice-quality metrics of the hot-rod phantom (2-D slices).
 
-These complement :mod:`equipet.recon_metrics` (whose CRC and background COV are reused,
+These complement :mod:`equipet.reconstruction.recon_metrics` (whose CRC and background COV are reused,
 not repeated) with what the paper judges by eye in Fig. 4-5: whether neighbouring rods
 are *resolved*.
 
@@ -23,7 +23,7 @@ The truth image gives about the background ratio (0.1); a blurred-out row gives 
 A size is *resolved* when ``VPR <= resolved_vpr_max``.
 
 Cold spill-over ratio: ``SOR = mean(x_cold) / mean(x_bkg)`` over the central cold region
-(shrunk by ``cold_margin_mm``) and the background ROI of :func:`equipet.recon_metrics.roi_masks`;
+(shrunk by ``cold_margin_mm``) and the background ROI of :func:`equipet.reconstruction.recon_metrics.roi_masks`;
 0 is perfect.
 
 NRMSE / SSIM / PSNR (:func:`equipet.metrics.image_metrics`) need the image on the truth's
@@ -47,8 +47,8 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 from equipet.metrics import image_metrics
-from equipet.projector import ImageGeometry
-from equipet.recon_metrics import contrast_metrics, roi_masks
+from equipet.reconstruction.projector import ImageGeometry
+from equipet.reconstruction.recon_metrics import contrast_metrics, roi_masks
 
 
 def outer_row(rods: np.ndarray, sector: int) -> np.ndarray:
@@ -144,7 +144,7 @@ class SliceScorer:
 
     def __init__(self, phantom_cfg: Mapping[str, Any], geometry: ImageGeometry, truth: np.ndarray,
                  roi_cfg: Mapping[str, Any], metrics_cfg: Mapping[str, Any]):
-        from equipet.phantom import hot_rod_phantom
+        from equipet.simulation.phantom import hot_rod_phantom
 
         if geometry.shape[2] != 1:
             raise ValueError(f"SliceScorer needs a single-slice geometry, got shape {geometry.shape}")

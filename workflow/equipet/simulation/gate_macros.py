@@ -17,7 +17,7 @@ For one CTR, :func:`write_macros` writes into a directory::
                     background (sourceID = number of rods), confined to the warm disk so the rods
                     and the cold centre (its daughters) are excluded
 
-Macros use relative paths: run Gate in the macro directory (:mod:`equipet.gate_backend` does).
+Macros use relative paths: run Gate in the macro directory (:mod:`equipet.simulation.gate_backend` does).
 The coincidence time resolution enters as the single-time FWHM ``CTR / sqrt(2)`` of
 ``timeResolution/fwhm`` (the ``timeResolution/CTR`` command is avoided, see GATE facts).
 Readout: ``TakeEnergyWinner`` at depth 1 (the rsector), like the embedded simulator that sums a
@@ -33,10 +33,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from equipet.phantom import HotRodPhantom, hot_rod_phantom
-from equipet.scanner import Scanner
+from equipet.simulation.phantom import HotRodPhantom, hot_rod_phantom
+from equipet.simulation.scanner import Scanner
 
-log = logging.getLogger("equipet.gate_macros")
+log = logging.getLogger("equipet.simulation.gate_macros")
 
 ML_PER_MM3 = 1e-3
 
@@ -56,7 +56,7 @@ def geometry_mac(sc: Scanner) -> str:
     d = sc.layer_thickness_mm
     r_out = math.hypot(sc.radius_mm + T, W / 2) + 1.0
     L = [
-        "# World and cylindricalPET scanner (written by equipet.gate_macros; lengths in mm)",
+        "# World and cylindricalPET scanner (written by equipet.simulation.gate_macros; lengths in mm)",
         f"# {sc.rings} rings x {sc.modules_per_ring} modules, {sc.pixels_transaxial} x {sc.pixels_axial} "
         f"pixels of {_f(sc.pixel_size_mm)} mm, {_f(T)} mm {sc.material} in {sc.doi_layers} DOI layers, "
         f"inner radius {_f(sc.radius_mm)} mm",
@@ -149,7 +149,7 @@ def geometry_mac(sc: Scanner) -> str:
 def phantom_mac(ph: HotRodPhantom) -> str:
     mat = ph.material
     L = [
-        "# Hot-rod phantom in water (written by equipet.gate_macros; lengths in mm)",
+        "# Hot-rod phantom in water (written by equipet.simulation.gate_macros; lengths in mm)",
         "/gate/world/daughters/name phantom",
         "/gate/world/daughters/insert cylinder",
         "/gate/phantom/geometry/setRmin 0. mm",
@@ -194,7 +194,7 @@ def phantom_mac(ph: HotRodPhantom) -> str:
 
 def physics_mac(physics_list: str) -> str:
     return "\n".join([
-        "# Physics (written by equipet.gate_macros)",
+        "# Physics (written by equipet.simulation.gate_macros)",
         f"/gate/physics/addPhysicsList {physics_list}",
         "/gate/physics/Gamma/SetCutInRegion world 1. mm",
         "/gate/physics/Electron/SetCutInRegion world 1. mm",
@@ -208,7 +208,7 @@ def digitizer_mac(sc: Scanner, acq: Mapping[str, Any], ctr_ps: float) -> str:
     last = f"layer{sc.doi_layers - 1}"
     pre = f"/gate/digitizerMgr/{last}/SinglesDigitizer/Singles"
     lo, hi = sc.energy_window_kev
-    L = ["# Digitizer, GATE 9.3+ syntax (written by equipet.gate_macros)",
+    L = ["# Digitizer, GATE 9.3+ syntax (written by equipet.simulation.gate_macros)",
          "# one chain per sensitive detector: the hits of each DOI layer are summed per crystal"]
     for l in range(sc.doi_layers):
         L.append(f"/gate/digitizerMgr/layer{l}/SinglesDigitizer/Singles/insert adder")
@@ -278,7 +278,7 @@ def _source(name: str, activity_bq: float, acq: Mapping[str, Any], radius: float
 def sources_mac(ph: HotRodPhantom, acq: Mapping[str, Any]) -> str:
     """One source per rod, then the background; the rods' activity already includes ``activity_scale``."""
     halfz = ph.rod_length_mm / 2
-    L = ["# Sources: back-to-back 511 keV pairs (written by equipet.gate_macros)",
+    L = ["# Sources: back-to-back 511 keV pairs (written by equipet.simulation.gate_macros)",
          f"# rods {_f(ph.rod_activity_bq_per_ml)} Bq/mL, background {_f(ph.background_bq_per_ml)} Bq/mL, "
          f"total {_f(ph.total_activity_bq())} Bq; positron range neglected"]
     vols = ph.rod_volume_mm3()
@@ -293,7 +293,7 @@ def sources_mac(ph: HotRodPhantom, acq: Mapping[str, Any]) -> str:
 
 def setup_mac(material_database: str | None) -> str:
     return "\n".join([
-        "# Common setup (written by equipet.gate_macros)",
+        "# Common setup (written by equipet.simulation.gate_macros)",
         "/control/verbose 1",
         "/run/verbose 0",
         "/event/verbose 0",
@@ -311,7 +311,7 @@ def setup_mac(material_database: str | None) -> str:
 
 def run_mac(title: str, output_name: str, seed: int, t_start: float, t_stop: float) -> str:
     return "\n".join([
-        f"# {title} (written by equipet.gate_macros). Run in this directory: Gate <this file>",
+        f"# {title} (written by equipet.simulation.gate_macros). Run in this directory: Gate <this file>",
         "/control/execute setup.mac",
         "",
         "# ROOT output: the Coincidences tree",

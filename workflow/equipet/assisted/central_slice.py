@@ -8,7 +8,7 @@ and its evaluation need for one CTR into one ``slice.npz``:
   ``assisted.slice_index``, default the central ``nz // 2``) averaged into one slice, for
   every MLEM iteration (``mlem``, ``(n_it, nx, ny)``; the early one is the network input);
 * the phantom's ground truth on the same slab (``truth``, Bq/mL);
-* the *slice geometry*: an :class:`~equipet.projector.ImageGeometry` of shape
+* the *slice geometry*: an :class:`~equipet.reconstruction.projector.ImageGeometry` of shape
   ``(nx, ny, 1)`` whose single voxel layer has thickness ``n * voxel`` and is centred on the
   slab. For ``n = 1`` the single-slice Joseph TOF projector on it is *exactly* the 3-D
   projector applied to an image that is zero outside slice ``k0`` (same dominant axes,
@@ -30,7 +30,7 @@ and its evaluation need for one CTR into one ``slice.npz``:
 * with ``l2`` among ``assisted.methods``: Monte Carlo LORs ``mc_p1, mc_p2, mc_tof`` (uniform crystal
   pairs crossing the slab, uniform TOF offsets on ``[-T/2, T/2]``), their out-of-slab term
   ``mc_background`` and the measure ``mc_weight`` of each sample, for the quadratic term
-  of the least-squares loss (:class:`equipet.assisted.ListmodeLeastSquaresLoss`), and the
+  of the least-squares loss (:class:`equipet.assisted.methods.ListmodeLeastSquaresLoss`), and the
   attenuation factors ``eta``, ``mc_eta`` (``exp(-int mu)`` along each LOR) that the squared
   error needs (in the Poisson likelihood a per-event factor cancels, as in MLEM).
 
@@ -60,9 +60,9 @@ import torch
 from equipet import cli
 from equipet.errors import ConfigError, InputDataError
 from equipet.files import atomic_path
-from equipet.projector import ImageGeometry, ListmodeTOFProjector, SparseSystemMatrix
+from equipet.reconstruction.projector import ImageGeometry, ListmodeTOFProjector, SparseSystemMatrix
 
-log = logging.getLogger("equipet.central_slice")
+log = logging.getLogger("equipet.assisted.central_slice")
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
@@ -94,7 +94,7 @@ def slice_geometry(geometry: ImageGeometry, k0: int, k1: int) -> ImageGeometry:
 
 def lors_crossing(p1: np.ndarray, p2: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
     """Whether each LOR crosses ``geometry``'s box with its one-voxel interpolation halo."""
-    from equipet.mlem import lor_hits_box
+    from equipet.reconstruction.geometry import lor_hits_box
 
     org = np.asarray(geometry.origin_mm)
     vox = np.asarray(geometry.voxel_size_mm)
@@ -150,7 +150,7 @@ def attenuation_factors(cfg: Mapping[str, Any], p1: np.ndarray, p2: np.ndarray, 
     """``eta = exp(-int mu)`` along each LOR through the phantom's mu-map (ones without ``mlem.attenuation``)."""
     if not cfg["mlem"]["attenuation"]:
         return np.ones(len(p1), np.float32)
-    from equipet.mlem import phantom_mu_map
+    from equipet.reconstruction.mlem import phantom_mu_map
 
     mu, mu_geom = phantom_mu_map(cfg["phantom"], cfg["mlem"]["voxel_size_mm"])
     proj = ListmodeTOFProjector(mu_geom, torch.as_tensor(p1, dtype=torch.float32),
@@ -188,12 +188,12 @@ def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path
     ``additive_path`` is MLEM's ``additive.npz`` (per-event randoms and scatter term); it is
     required when ``mlem.corrections`` is not empty.
     """
-    from equipet.corrections import check_corrections
-    from equipet.listmode import read_listmode
-    from equipet.mlem import (chunk_events, image_geometry, load_additive, sensitivity_doi_sigma_mm,
-                              tof_kernel_fwhm_mm)
-    from equipet.phantom import hot_rod_phantom
-    from equipet.scanner import Scanner
+    from equipet.reconstruction.corrections import check_corrections
+    from equipet.reconstruction.listmode import read_listmode
+    from equipet.reconstruction.mlem import chunk_events, load_additive, sensitivity_doi_sigma_mm, tof_kernel_fwhm_mm
+    from equipet.reconstruction.geometry import image_geometry
+    from equipet.simulation.phantom import hot_rod_phantom
+    from equipet.simulation.scanner import Scanner
 
     sec, mlem = cfg["assisted"], cfg["mlem"]
     geom = image_geometry(mlem)
@@ -318,7 +318,7 @@ def slice_system_matrix(data: Mapping[str, np.ndarray], device: torch.device | s
     """The slice's system matrix for its events, stored once per CTR (``system.pt``).
 
     Exactly the weights of :func:`slice_projector`, kept as CSR of ``A`` (``A^T`` derived when needed)
-    (:class:`equipet.projector.SparseSystemMatrix`), in the event order of ``slice.npz``;
+    (:class:`equipet.reconstruction.projector.SparseSystemMatrix`), in the event order of ``slice.npz``;
     every assisted run of the CTR (each model and seed) reuses it.
     """
     return slice_projector(data, "p1", "p2", "tof", torch.device(device), 0.0, chunk_size).to_sparse()
@@ -350,7 +350,7 @@ def baseline_images(data: Mapping[str, np.ndarray], scorer: Any, gauss_fwhm_mm: 
 def baseline_rows(cfg: Mapping[str, Any], data: Mapping[str, np.ndarray]) -> tuple[list[dict[str, Any]], dict]:
     """Tidy metric rows of the baselines (``experiment=assisted``, ``model=mlem_*``, ``seed=0``,
     ``epoch`` = the MLEM iteration, ``split=baseline``) and the images."""
-    from equipet.rod_metrics import SliceScorer
+    from equipet.assisted.rod_metrics import SliceScorer
 
     g2 = geometry_from_npz(data)
     scorer = SliceScorer(cfg["phantom"], g2, data["truth"], cfg["mlem"]["metrics"], cfg["assisted"]["metrics"])
@@ -399,7 +399,7 @@ def _main(argv: Sequence[str] | None) -> None:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     if args.system_out is not None:
         from equipet.device import select_device
-        from equipet.mlem import chunk_events
+        from equipet.reconstruction.mlem import chunk_events
 
         device = select_device(cfg["device"])
         system = slice_system_matrix(data, device, chunk_events(cfg["mlem"], device))

@@ -620,7 +620,7 @@ def seconds_per_epoch(model: torch.nn.Module, net_input: torch.Tensor, loss: Cal
     An epoch is what :func:`train` does per step: ``zero_grad``, ``loss(model(net_input))``,
     ``backward`` and one Adam step, with a CUDA synchronisation so that the time is the device's
     (no checkpoint, snapshot or file I/O). Trains ``model`` in place (``warmup + epochs`` steps)
-    and moves it and ``loss`` to ``device``. Used by the time estimate (:mod:`equipet.estimate`)
+    and moves it and ``loss`` to ``device``. Used by the time estimate (:mod:`equipet.study.estimate`)
     and by ``workflow/benchmarks/bench_training.py``.
     """
     device = torch.device(device)

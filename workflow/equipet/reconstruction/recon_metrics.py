@@ -1,7 +1,7 @@
 """Reconstruction metrics of the hot-rod phantom: CRC per rod size and background COV.
 
 Regions of interest come from the phantom's ground truth (rod table of
-:class:`equipet.phantom.HotRodPhantom`), evaluated at the voxel centres of the
+:class:`equipet.simulation.phantom.HotRodPhantom`), evaluated at the voxel centres of the
 reconstructed grid:
 
 * rod ROI of diameter ``d``: voxels whose centre lies within ``f d / 2`` of the axis of a rod
@@ -23,7 +23,7 @@ are independent of the image scale.
 **Partial volume versus convergence.** Even a perfect reconstruction at a finite resolution
 does not reach ``CRC = 1``: the rods' activity spills into the background and vice versa
 (partial volume). With ``t_w = t * G_w`` the voxelised truth ``t``
-(:meth:`equipet.phantom.HotRodPhantom.voxelise`, each voxel the volume average) blurred by a
+(:meth:`equipet.simulation.phantom.HotRodPhantom.voxelise`, each voxel the volume average) blurred by a
 3-D Gaussian ``G_w`` of FWHM ``w`` (mm; ``sigma = w / (2 sqrt(2 ln 2))``),
 
 .. math::
@@ -58,9 +58,9 @@ from typing import Any
 
 import numpy as np
 
-from equipet.projector import ImageGeometry
+from equipet.reconstruction.projector import ImageGeometry
 
-log = logging.getLogger("equipet.recon_metrics")
+log = logging.getLogger("equipet.reconstruction.recon_metrics")
 
 
 def roi_masks(geometry: ImageGeometry, rods: np.ndarray, rod_length_mm: float, cold_diameter_mm: float,
@@ -129,7 +129,7 @@ def blur_gaussian(image: np.ndarray, fwhm_mm: float | Sequence[float], voxel_siz
 
 def phantom_truth(phantom_cfg: Mapping[str, Any], geometry: ImageGeometry) -> np.ndarray:
     """The phantom's activity (Bq/mL, voxel volume averages) on the centred grid ``geometry``."""
-    from equipet.phantom import hot_rod_phantom
+    from equipet.simulation.phantom import hot_rod_phantom
 
     v = geometry.voxel_size_mm
     if len(set(v)) != 1:
@@ -157,7 +157,7 @@ def blurred_crc(image: np.ndarray, rod_masks: Mapping[float, np.ndarray], backgr
 def phantom_rois(phantom_cfg: Mapping[str, Any], geometry: ImageGeometry,
                  metrics_cfg: Mapping[str, Any]) -> tuple[dict[float, np.ndarray], np.ndarray, float]:
     """ROIs and the true rod/background ratio from the ``phantom`` config section."""
-    from equipet.phantom import hot_rod_phantom
+    from equipet.simulation.phantom import hot_rod_phantom
 
     ph = hot_rod_phantom(phantom_cfg)
     rods, bkg = roi_masks(geometry, ph.rods, ph.rod_length_mm, ph.cold_diameter_mm, ph.active_diameter_mm,
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         from equipet.errors import InputDataError
         from equipet.files import atomic_path
-        from equipet.mlem import image_geometry
+        from equipet.reconstruction.geometry import image_geometry
 
         p = argparse.ArgumentParser(prog="equipet-recon-metrics", description=main.__doc__)
         add_common_arguments(p)

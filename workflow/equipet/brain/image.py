@@ -36,7 +36,7 @@ Preparing the slices (:func:`brain_slices`)
    square's inscribed circle.
 4. The square is resized to ``brain.size`` pixels with ``skimage.transform.resize``
    (bilinear, anti-aliased) and multiplied by :func:`disk_mask`, the disk that
-   ``skimage.transform.radon(..., circle=True)`` (and :class:`equipet.radon.RadonTransform`)
+   ``skimage.transform.radon(..., circle=True)`` (and :class:`equipet.brain.radon.RadonTransform`)
    assume the object lies in. Step 3 makes the mask cut only background.
 """
 
@@ -57,7 +57,7 @@ import numpy as np
 from equipet.errors import ConfigError, InputDataError
 from equipet.files import atomic_path
 
-log = logging.getLogger("equipet.brain")
+log = logging.getLogger("equipet.brain.image")
 
 SOURCES = ("mni152", "skimage", "file")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

@@ -15,7 +15,7 @@ Run directories::
     <results>/ablation/grid/<experiment>/<configuration>/seed<N>/
     <results>/ablation/confirm/<experiment>/<model>/seed<N>/
 
-Each holds the files of :func:`equipet.experiments.run_experiment` (``metrics.csv`` carries
+Each holds the files of :func:`equipet.brain.experiments.run_experiment` (``metrics.csv`` carries
 the configuration columns of :func:`configuration_columns`) and ``configuration.json`` (the
 same labels, for the tables and the claims).
 
@@ -43,7 +43,7 @@ from equipet.config import deep_merge, validate
 from equipet.errors import ConfigError, InputDataError
 from equipet.files import atomic_path
 
-log = logging.getLogger("equipet.ablation")
+log = logging.getLogger("equipet.study.ablation")
 
 EXPERIMENTS = ("denoise", "radon_recon")
 #: config sections a configuration may change
@@ -107,7 +107,7 @@ def configuration_config(cfg: Mapping[str, Any], conf: Configuration) -> dict[st
 
 def configuration_columns(cfg: Mapping[str, Any], conf: Configuration, stage: str) -> dict[str, Any]:
     """The columns that describe a run of ``conf`` in every table (``cfg``: its merged config)."""
-    from equipet.nets import build_model, count_parameters, model_width
+    from equipet.networks.nets import build_model, count_parameters, model_width
 
     m = cfg["models"]
     return {
@@ -164,7 +164,7 @@ def confirm_runs(cfg: Mapping[str, Any]) -> list[tuple[str, str, int]]:
 def train_run(cfg: Mapping[str, Any], brain: Path, conf: Configuration, experiment: str, seed: int,
               out_dir: Path, stage: str) -> pd.DataFrame:
     """Train one run of ``conf`` and write its files and ``configuration.json`` into ``out_dir``."""
-    from equipet.experiments import run_experiment
+    from equipet.brain.experiments import run_experiment
 
     if experiment not in conf.experiments:
         raise ConfigError(f"configuration {conf.name} does not run {experiment}",
@@ -231,8 +231,7 @@ def select(run_dirs: Sequence[Path]) -> dict[str, Any]:
 
 def collect(run_dirs: Sequence[Path], window: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(tidy metrics with configuration columns, loss curves, one row of numbers per run)."""
-    from equipet.assisted import running_mean
-    from equipet.claims import loss_instability
+    from equipet.assisted.methods import running_mean
 
     metrics, losses, runs = [], [], []
     for d in run_dirs:
@@ -429,3 +428,32 @@ def _main(argv: Sequence[str] | None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def loss_instability(losses: Sequence[float] | np.ndarray) -> float:
+    """Instability ``U`` of a loss curve (``config/preregistration.md``, section 4).
+
+    With ``l_k = log10 L_k`` and ``k*`` the epoch of the minimum loss,
+
+        U = sum_{k < k*} max(0, l_{k+1} - l_k) / (l_1 - l_{k*}),
+
+    the total rise of the log-loss on the way to its minimum relative to its net fall:
+    0 for a monotone decrease, larger for every spike. Scale-free; the epochs after the
+    minimum do not count. NaN when the loss never falls below its first value (or is not
+    positive).
+
+    >>> loss_instability([4.0, 2.0, 1.0])
+    0.0
+    >>> round(loss_instability([4.0, 8.0, 4.0, 1.0]), 6)    # one doubling on a 4x fall
+    0.5
+    """
+    l = np.asarray(losses, dtype=float)
+    if l.size < 2 or not np.all(np.isfinite(l)) or np.any(l <= 0):
+        return float("nan")
+    l = np.log10(l)
+    k_min = int(np.argmin(l))
+    fall = l[0] - l[k_min]
+    if not fall > 0:
+        return float("nan")
+    rises = np.clip(np.diff(l[: k_min + 1]), 0.0, None).sum()
+    return float(rises / fall)

@@ -38,7 +38,7 @@ import numpy as np
 
 from equipet import config
 
-log = logging.getLogger("equipet.phantom")
+log = logging.getLogger("equipet.simulation.phantom")
 
 ML_PER_MM3 = 1e-3  # 1 mL = 1000 mm^3
 

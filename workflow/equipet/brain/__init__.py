@@ -1,0 +1,1 @@
+"""The brain image, the Radon operator and the denoising and Radon reconstruction experiments."""

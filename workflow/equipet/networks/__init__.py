@@ -1,0 +1,1 @@
+"""The SCNN and CNN and the training loop they share."""

@@ -1,0 +1,1 @@
+"""Claims and their rules, the pre-registered ablation, tables and figures, run-time estimates."""
