@@ -135,10 +135,6 @@ def chunk_events(mlem: Mapping[str, Any], device: torch.device) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# geometry helpers
-
-
-# ---------------------------------------------------------------------------------------
 # sensitivity
 def sensitivity_key(scanner: Mapping[str, Any], phantom: Mapping[str, Any], mlem: Mapping[str, Any]) -> dict:
     """Everything the sensitivity image depends on (its cache key)."""
@@ -385,15 +381,15 @@ def event_attenuation(p1: torch.Tensor, p2: torch.Tensor, phantom: Mapping[str, 
     return torch.exp(-att.apply(torch.as_tensor(mu, dtype=p1.dtype, device=p1.device)))
 
 
-def event_eta(ev: Any, scanner: Scanner, mlem: Mapping[str, Any], phantom: Mapping[str, Any],
-              efficiency: Any, device: torch.device) -> torch.Tensor:
+def event_eta(ev: Any, p1: torch.Tensor, p2: torch.Tensor, scanner: Scanner, mlem: Mapping[str, Any],
+              phantom: Mapping[str, Any], efficiency: Any) -> torch.Tensor:
     """``eta_e = n_e exp(-int mu)`` of each event: crystal-pair efficiency times attenuation.
 
-    ``n_e`` comes from ``efficiency`` (:meth:`equipet.reconstruction.normalisation.Normalisation.pair_efficiency`
+    ``p1``, ``p2`` are the events' LOR ends as tensors (``ev.to_torch``, on the device used). ``n_e`` comes from ``efficiency`` (:meth:`equipet.reconstruction.normalisation.Normalisation.pair_efficiency`
     of the event's elements and LOR ends; 1 when ``None``), the attenuation from the phantom's
     mu-map when ``mlem.attenuation`` (1 otherwise). The same factors weight the sensitivity image.
     """
-    p1, p2, _ = ev.to_torch(device)
+    device = p1.device
     eta = (event_attenuation(p1, p2, phantom, mlem["voxel_size_mm"], chunk_events(mlem, device))
            if mlem["attenuation"] else torch.ones(len(ev), device=device))
     if efficiency is not None:
@@ -466,7 +462,7 @@ def prompt_corrections(corrections: Sequence[str], cfg: Mapping[str, Any], scann
         raise ConfigError("randoms and scatter corrections need TOF events (densities per mm of TOF offset)",
                           where="mlem.tof", fix="set mlem.tof: true, or mlem.corrections: []")
     p1, p2, tof = ev.to_torch(device)
-    eta = event_eta(ev, scanner, mlem, phantom, efficiency, device)
+    eta = event_eta(ev, p1, p2, scanner, mlem, phantom, efficiency)
     info: dict[str, Any] = {}
     randoms_model = None
     r = np.zeros(len(ev))
