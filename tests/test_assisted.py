@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from equipet.assisted.methods import (ListmodeLeastSquaresLoss, ListmodePoissonLoss, NonNegativeOutput, PlateauStop,
-                              SliceForwardModel, SubsetPoissonLoss, plateau_epoch, run_assisted)
+                              SliceForwardModel, SubsetPoissonLoss, plateau_epoch, run_assisted, main)
 from equipet.reconstruction.projector import ImageGeometry, ListmodeTOFProjector, tof_fwhm_mm
 from equipet.assisted.rod_metrics import pair_vpr, valley_to_peak
 
@@ -480,3 +480,31 @@ def test_subset_method_optimum_has_the_expected_counts(estimator, background, on
     if background == 0.0:
         assert attributed == pytest.approx(A.n_events, rel=1e-12)
     assert expected == pytest.approx(attributed, rel=0.02)
+
+
+def test_runs_of_a_slice_trained_together_write_what_each_run_alone_writes(tmp_path):
+    """``equipet-assisted --out-root`` (assisted.group_runs: ctr): the runs' files and metric rows
+    equal those of the runs trained one by one (float tolerance), the subset likelihood drawing
+    the same blocks per seed."""
+    write_tiny_slice(tmp_path)
+    cfg = tiny_config(epochs=6, snapshots=[3, 6])
+    runs = [("paper", "cnn", 0), ("poisson", "cnn", 0), ("poisson", "cnn", 1), ("poisson", "scnn", 0)]
+    for method, model, seed in runs:
+        run_assisted(cfg, tmp_path / "slice.npz", method, model, seed, tmp_path / "alone" / method / model / f"seed{seed}",
+                     tmp_path / "system.pt")
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps(cfg))
+    main(["--settings", f"@{settings}", "--slice", str(tmp_path / "slice.npz"), "--system", str(tmp_path / "system.pt"),
+          "--method", "paper", "poisson", "--model", "cnn", "scnn", "--seed", "0", "1", "--out-root",
+          str(tmp_path / "together")])
+    timing = {"plateau_time_s", "total_time_s", "s_per_epoch"}
+    for method, model, seed in runs:
+        a, b = (tmp_path / d / method / model / f"seed{seed}" for d in ("alone", "together"))
+        np.testing.assert_allclose(pd.read_csv(b / "loss.csv")["loss"], pd.read_csv(a / "loss.csv")["loss"], rtol=1e-4)
+        ma, mb = (pd.read_csv(d / "metrics.csv") for d in (a, b))
+        keep = ~ma.metric.isin(timing)
+        assert (ma.columns == mb.columns).all() and (ma[["metric", "epoch", "split"]] == mb[["metric", "epoch", "split"]]).all().all()
+        np.testing.assert_allclose(mb[keep]["value"], ma[keep]["value"], rtol=2e-3, atol=1e-5)
+        assert json.loads((b / "timing.json").read_text())["batched_runs"] == 8
+    # all 8 combinations were made
+    assert len(list((tmp_path / "together").glob("*/*/seed*/metrics.csv"))) == 8

@@ -23,6 +23,15 @@ the hot-rod phantom at ``--ctr`` on the configured scanner, kept when their LOR 
 central slab, as :mod:`equipet.assisted.central_slice` keeps them. Writes a CSV with the columns
 ``method, model, events, device, threads, ms_per_epoch`` and prints each method's speed-up
 over ``poisson_full`` and its ratio to ``paper``.
+
+``--runs R [R ...]``: instead, the cost of training R runs together in one process
+(:mod:`equipet.networks.stacked`, ``assisted.group_runs: ctr``) beside the single-run path, in
+the same process: for each method and network, ms per run-epoch of one run trained alone
+(``path=single``) and of R runs as one stacked network (``path=stacked``; each run its own
+loss call with its own random stream, one backward, one Adam step, as the engine does), and with
+``--compile`` also of the stacked network under ``torch.compile`` (``path=stacked_compiled``).
+Columns ``method, model, runs, device, threads, ms_per_run_epoch, path``; it prints each
+stacked row's speed-up over the single path.
 """
 
 from __future__ import annotations
@@ -102,6 +111,76 @@ def time_epochs(model: torch.nn.Module, x: torch.Tensor, loss, epochs: int, devi
     return (time.perf_counter() - t0) / epochs
 
 
+def _stacked_epoch_timer(stack: torch.nn.Module, x: torch.Tensor, loss, device: torch.device):
+    """One step of :mod:`equipet.networks.stacked` for R runs sharing ``loss``: the stacked forward,
+    each run's loss under its own torch random stream, one backward, one Adam step."""
+    opt = torch.optim.Adam(stack.parameters(), lr=1e-3)
+    runs = x.shape[0]
+    streams = [torch.get_rng_state() for _ in range(runs)]
+
+    def epoch():
+        opt.zero_grad(set_to_none=True)
+        out = stack(x)
+        values = []
+        for r in range(runs):
+            torch.set_rng_state(streams[r])
+            values.append(loss(out[r:r + 1]).reshape(()))
+            streams[r] = torch.get_rng_state()
+        values = torch.stack(values)
+        values.detach().to("cpu").tolist()       # the engine reads every run's loss each epoch
+        values.sum().backward()
+        opt.step()
+    return epoch
+
+
+def _time(epoch, epochs: int, device: torch.device) -> float:
+    epoch()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        epoch()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / epochs
+
+
+def time_stacked(cfg: dict, losses: dict, x: torch.Tensor, args, device: torch.device, threads: int) -> pd.DataFrame:
+    """ms per run-epoch of the single-run path and of R stacked runs (module doc)."""
+    from equipet.networks.stacked import StackedNetwork
+
+    rows = []
+    for method, loss in losses.items():
+        for name in args.models:
+            def build(seed: int) -> torch.nn.Module:
+                torch.manual_seed(seed)
+                model = build_model(name, cfg["models"])
+                return model if method == "paper" else NonNegativeOutput(model)
+
+            single = build(0).to(device).train()
+            ms_single = 1e3 * time_epochs(single, x, loss, args.epochs, device)
+            rows.append(dict(method=method, model=name, runs=1, device=str(device), threads=threads,
+                             ms_per_run_epoch=ms_single, path="single"))
+            print(f"{method:>13} {name:>5}  single        : {ms_single:9.2f} ms/run-epoch", flush=True)
+            paths = [("stacked", False)] + ([("stacked_compiled", True)] if args.compile else [])
+            for runs in args.runs:
+                for path, compiled in paths:
+                    stack = StackedNetwork([build(seed) for seed in range(runs)]).to(device).train()
+                    xs = x.expand(runs, -1, -1, -1).contiguous()
+                    if compiled:
+                        stack.forward = torch.compile(stack.forward, dynamic=False)
+                    try:
+                        ms = 1e3 * _time(_stacked_epoch_timer(stack, xs, loss, device), args.epochs, device) / runs
+                    except Exception as exc:   # a compiler failure is a measurement too
+                        print(f"{method:>13} {name:>5}  {path} R={runs}: failed ({type(exc).__name__}: {exc})")
+                        continue
+                    rows.append(dict(method=method, model=name, runs=runs, device=str(device), threads=threads,
+                                     ms_per_run_epoch=ms, path=path))
+                    print(f"{method:>13} {name:>5}  {path:<16} R={runs:<3}: {ms:9.2f} ms/run-epoch "
+                          f"(x{ms_single / ms:.2f} the single path)", flush=True)
+    return pd.DataFrame(rows)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", nargs="+", default=["config/config.yaml"])
@@ -114,6 +193,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=["paper", "poisson", "poisson_full"])
     p.add_argument("--models", nargs="+", default=["scnn", "cnn"])
     p.add_argument("--out", help="write the table as CSV")
+    p.add_argument("--runs", type=int, nargs="+", help="time R runs trained together (module doc), e.g. 1 3 9 18")
+    p.add_argument("--compile", action="store_true", help="with --runs: also the stacked network under torch.compile")
     args = p.parse_args(argv)
 
     cfg = load_config(args.config)
@@ -157,6 +238,12 @@ def main(argv=None) -> None:
         A = ListmodeTOFProjector(g2, *ev, fwhm, chunk_size=1 << 20 if device.type == "cuda" else 8192,
                                  cache_mb=float(sec["cache_mb"]))
         losses["poisson_full"] = ListmodePoissonLoss(SliceForwardModel(A, background, 1.0), sens, 1.0, floor=1e-6)
+
+    if args.runs:
+        df = time_stacked(cfg, losses, x, args, device, threads)
+        if args.out:
+            df.to_csv(args.out, index=False)
+        return
 
     rows = []
     for method, loss in losses.items():

@@ -5,7 +5,8 @@
 #                    slice, the list-mode events crossing it (+ out-of-slice term), the MLEM
 #                    baselines' metrics (baselines.csv) and the slice's stored system matrix
 #                    (system.pt, reused by every model and seed of the poisson method)
-#   assisted_train:  per CTR, method, model and seed (GPU when there is one)
+#   assisted_train:  per CTR, method, model and seed (GPU when there is one); with
+#                    assisted.group_runs: ctr, assisted_train_ctr trains a CTR's runs together
 #   assisted_figure / assisted_crc_figure / assisted_summary / paper_claims: aggregation
 #
 # Needs the rules of workflow/rules/reconstruction.smk (mlem, sensitivity) and of
@@ -43,34 +44,73 @@ rule central_slice:
         "--system-out {output.system} --log {log}"
 
 
-rule assisted_train:
-    input:
-        slice=f"{ASSISTED}/ctr{{ctr}}/slice.npz",
-        system=f"{ASSISTED}/ctr{{ctr}}/system.pt",
-    output:
-        metrics=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/metrics.csv",
-        loss=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/loss.csv",
-        timing=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/timing.json",
-        images=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/eval.npz",
-        summary=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/summary.json",
-    conda:
-        CONDA_ENV
-    log:
-        f"{LOGS}/assisted/ctr{{ctr}}_{{method}}_{{model}}_seed{{seed}}.log",
-    benchmark:
-        f"{BENCH}/assisted/ctr{{ctr}}_{{method}}_{{model}}_seed{{seed}}.tsv"
-    params:
-        settings=settings("assisted", "models", "training", "phantom", "mlem"),
-        out_dir=lambda w, output: str(Path(output.metrics).parent),
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=720,
-        gpu=1,
-    shell:
-        "equipet-assisted --settings {params.settings:q} --slice {input.slice} --system {input.system} "
-        "--method {wildcards.method} --model {wildcards.model} --seed {wildcards.seed} "
-        "--out-dir {params.out_dir} --log {log}"
+if config["assisted"]["group_runs"] == "run":
+
+    rule assisted_train:
+        input:
+            slice=f"{ASSISTED}/ctr{{ctr}}/slice.npz",
+            system=f"{ASSISTED}/ctr{{ctr}}/system.pt",
+        output:
+            metrics=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/metrics.csv",
+            loss=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/loss.csv",
+            timing=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/timing.json",
+            images=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/eval.npz",
+            summary=f"{ASSISTED}/ctr{{ctr}}/{{method}}/{{model}}/seed{{seed}}/summary.json",
+        conda:
+            CONDA_ENV
+        log:
+            f"{LOGS}/assisted/ctr{{ctr}}_{{method}}_{{model}}_seed{{seed}}.log",
+        benchmark:
+            f"{BENCH}/assisted/ctr{{ctr}}_{{method}}_{{model}}_seed{{seed}}.tsv"
+        params:
+            settings=settings("assisted", "models", "training", "phantom", "mlem"),
+            out_dir=lambda w, output: str(Path(output.metrics).parent),
+        threads: 2
+        resources:
+            mem_mb=8000,
+            runtime=720,
+            gpu=1,
+        shell:
+            "equipet-assisted --settings {params.settings:q} --slice {input.slice} --system {input.system} "
+            "--method {wildcards.method} --model {wildcards.model} --seed {wildcards.seed} "
+            "--out-dir {params.out_dir} --log {log}"
+
+else:
+
+    # assisted.group_runs: ctr -- every run of a CTR in one job, trained together
+    rule assisted_train_ctr:
+        input:
+            slice=f"{ASSISTED}/ctr{{ctr}}/slice.npz",
+            system=f"{ASSISTED}/ctr{{ctr}}/system.pt",
+        output:
+            [
+                f"{ASSISTED}/ctr{{ctr}}/{m}/{model}/seed{seed}/{f}"
+                for m in ASSISTED_METHODS
+                for model in MODELS
+                for seed in SEEDS
+                for f in ("metrics.csv", "loss.csv", "timing.json", "eval.npz", "summary.json")
+            ],
+        conda:
+            CONDA_ENV
+        log:
+            f"{LOGS}/assisted/ctr{{ctr}}_group.log",
+        benchmark:
+            f"{BENCH}/assisted/ctr{{ctr}}_group.tsv"
+        params:
+            settings=settings("assisted", "models", "training", "phantom", "mlem"),
+            out_root=f"{ASSISTED}/ctr{{ctr}}",
+            methods=" ".join(ASSISTED_METHODS),
+            models=" ".join(MODELS),
+            seeds=" ".join(str(s) for s in SEEDS),
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=1440,
+            gpu=1,
+        shell:
+            "equipet-assisted --settings {params.settings:q} --slice {input.slice} --system {input.system} "
+            "--method {params.methods} --model {params.models} --seed {params.seeds} "
+            "--out-root {params.out_root} --log {log}"
 
 
 rule assisted_figure:

@@ -84,7 +84,9 @@ from equipet.errors import ConfigError, InputDataError
 from equipet.files import atomic_path
 from equipet.assisted.central_slice import slice_projector
 from equipet.reconstruction.projector import ImageGeometry, ListmodeTOFProjector, SparseSystemMatrix
-from equipet.networks.training import MSELoss, TrainSettings, predict, seed_everything, train
+from equipet.networks.nets import SOFTPLUS_BETA, NonNegativeOutput  # noqa: F401  (SOFTPLUS_BETA: documented here)
+from equipet.networks.stacked import StackedRun
+from equipet.networks.training import MSELoss, TrainResult, TrainSettings, predict, seed_everything, train
 
 log = logging.getLogger("equipet.assisted.methods")
 
@@ -93,9 +95,6 @@ SUMMARY_METRICS = ("plateau_epoch", "plateau_time_s", "min_loss", "final_loss", 
 #: the assisted methods (module doc); the likelihood ones get a non-negative output
 METHODS = ("paper", "poisson", "poisson_full", "l2")
 LIKELIHOOD_METHODS = ("poisson", "poisson_full")
-#: softplus sharpness of :class:`NonNegativeOutput`, in units of the input scale ``c``:
-#: softplus_beta(z) - max(z, 0) <= ln 2 / beta = 0.035 c, at z = 0
-SOFTPLUS_BETA = 20.0
 
 
 # --------------------------------------------------------------------------- loss-curve analysis
@@ -187,21 +186,6 @@ class PlateauStop:
             self._checked = k
             k += w
         return self._best_epoch > 0 and self._checked - self._best_epoch >= self.patience
-
-
-class NonNegativeOutput(torch.nn.Module):
-    """``softplus_beta(net(x))``: the network's image made positive (module doc).
-
-    Softplus acts pixel by pixel, so a network equivariant under rotations stays so.
-    """
-
-    def __init__(self, net: torch.nn.Module, beta: float = SOFTPLUS_BETA):
-        super().__init__()
-        self.net = net
-        self.softplus = torch.nn.Softplus(beta=beta)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.softplus(self.net(x))
 
 
 # --------------------------------------------------------------------------- losses
@@ -482,50 +466,73 @@ def full_nll(loss: torch.nn.Module, output: torch.Tensor) -> float:
         return float(loss.full(output) if isinstance(loss, SubsetPoissonLoss) else loss(output))
 
 
-def run_assisted(cfg: Mapping[str, Any], slice_path: Path, method: str, model_name: str, seed: int,
-                 out_dir: Path, system_path: Path | None = None) -> pd.DataFrame:
-    """Train ``model_name`` with ``method`` for ``seed`` on the slice; write metrics.csv and eval.npz in ``out_dir``."""
-    from equipet.assisted.central_slice import geometry_from_npz
-    from equipet.device import select_device
-    from equipet.networks.nets import build_model
-    from equipet.assisted.rod_metrics import SliceScorer
+class _SliceData:
+    """A slice file read once per process: its arrays, scale, device and stored matrix."""
 
+    def __init__(self, cfg: Mapping[str, Any], slice_path: Path, system_path: Path | None, device: torch.device):
+        self.data = dict(np.load(slice_path))
+        self.ctr = float(self.data["ctr_ps"])
+        self.early = self.data["early"].astype(np.float32)
+        self.scale = input_scale(self.early)
+        self.device = device
+        self.system_path = system_path
+        self._system: SparseSystemMatrix | None = None
+
+    def system(self) -> SparseSystemMatrix:
+        if self._system is None:
+            if self.system_path is None:
+                raise ValueError("method poisson needs the stored slice matrix (system.pt)")
+            self._system = load_system(self.system_path, self.device)
+        return self._system
+
+
+def _train_settings(cfg: Mapping[str, Any], seed: int) -> TrainSettings:
     sec = cfg["assisted"]
-    data = dict(np.load(slice_path))
-    ctr = float(data["ctr_ps"])
-    device = select_device(cfg["device"])
-    early = data["early"].astype(np.float32)
-    scale = input_scale(early)
-    settings = TrainSettings(
+    return TrainSettings(
         epochs=sec["epochs"], learning_rate=sec["learning_rate"] or cfg["training"]["learning_rate"],
         snapshots=sorted(set(sec["snapshots"]) | {sec["epochs"]}),
         checkpoint_every=cfg["training"]["checkpoint_every"], seed=seed, device=cfg["device"],
         deterministic=cfg["training"]["deterministic"],
         lr_milestones=sorted({max(1, round(f * sec["epochs"])) for f in sec["lr_decay"]["at_fraction"]}),
         lr_gamma=sec["lr_decay"]["factor"])
-    system = load_system(system_path, device) if method == "poisson" else None
-    loss = build_loss(cfg, data, scale, device, method, system)
+
+
+def _prepare_run(cfg: Mapping[str, Any], sl: _SliceData, method: str, model_name: str, seed: int,
+                 out_dir: Path) -> StackedRun:
+    """The run's network (initialised from its seed), input, loss, settings and stop rule."""
+    from equipet.networks.nets import build_model
+
+    sec = cfg["assisted"]
+    settings = _train_settings(cfg, seed)
+    loss = build_loss(cfg, sl.data, sl.scale, sl.device, method, sl.system() if method == "poisson" else None)
     seed_everything(seed, settings.deterministic)
     model = build_model(model_name, cfg["models"])
     if method in LIKELIHOOD_METHODS:
         model = NonNegativeOutput(model)
     stop = sec["early_stop"]
     stop_rule = PlateauStop(stop["window"], stop["tolerance"], stop["patience"]) if stop["enabled"] else None
-    net_input = torch.from_numpy(early / scale)[None, None]
-    result = train(model, net_input, loss, settings, out_dir,
-                   desc=f"assisted/ctr{ctr:g}/{method}/{model_name}/seed{seed}", stop_rule=stop_rule)
+    return StackedRun(model, torch.from_numpy(sl.early / sl.scale)[None, None], loss, settings, Path(out_dir),
+                      desc=f"assisted/ctr{sl.ctr:g}/{method}/{model_name}/seed{seed}", stop_rule=stop_rule)
 
+
+def _finish_run(cfg: Mapping[str, Any], sl: _SliceData, method: str, model_name: str, seed: int,
+                run: StackedRun, result: TrainResult) -> pd.DataFrame:
+    """Score the run's snapshots; write metrics.csv, eval.npz and summary.json in its directory."""
+    from equipet.assisted.central_slice import geometry_from_npz
+    from equipet.assisted.rod_metrics import SliceScorer
+
+    sec, data, ctr, scale, out_dir = cfg["assisted"], sl.data, sl.ctr, sl.scale, run.out_dir
     scorer = SliceScorer(cfg["phantom"], geometry_from_npz(data), data["truth"], cfg["mlem"]["metrics"],
                          sec["metrics"])
     base = dict(experiment="assisted", method=method, model=model_name, seed=seed, ctr_ps=ctr)
-    rows = scorer.tidy(scorer.score(early), **base, epoch=0, split="input")
+    rows = scorer.tidy(scorer.score(sl.early), **base, epoch=0, split="input")
     snapshots = {e: img * scale for e, img in sorted(result.snapshots.items())}
     for epoch, img in snapshots.items():
         rows += scorer.tidy(scorer.score(img), **base, epoch=epoch, split="train")
     summary = loss_summary(result.losses, result.wall_time_s, sec["plateau"])
     if method in LIKELIHOOD_METHODS:
-        final = predict(result.model, net_input.to(device))
-        summary["full_nll"] = full_nll(loss, final)
+        final = predict(result.model.to(sl.device), run.net_input.to(sl.device))
+        summary["full_nll"] = full_nll(run.loss, final)
     last_epoch = len(result.losses)
     rows += [{**base, "epoch": last_epoch, "metric": k, "value": v, "rod_mm": float("nan"), "split": "training"}
              for k, v in summary.items()]
@@ -533,7 +540,7 @@ def run_assisted(cfg: Mapping[str, Any], slice_path: Path, method: str, model_na
     df = pd.DataFrame(rows)[columns]
     epochs = sorted(snapshots)
     with atomic_path(out_dir / "eval.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, truth=data["truth"], net_input=early, scale=np.asarray(scale),
+        np.savez_compressed(fh, truth=data["truth"], net_input=sl.early, scale=np.asarray(scale),
                             snapshot_epochs=np.asarray(epochs), snapshots=np.stack([snapshots[e] for e in epochs]),
                             ctr_ps=np.asarray(ctr), method=np.asarray(method))
     with atomic_path(out_dir / "metrics.csv") as tmp:
@@ -547,8 +554,52 @@ def run_assisted(cfg: Mapping[str, Any], slice_path: Path, method: str, model_na
     return df
 
 
+def run_assisted(cfg: Mapping[str, Any], slice_path: Path, method: str, model_name: str, seed: int,
+                 out_dir: Path, system_path: Path | None = None) -> pd.DataFrame:
+    """Train ``model_name`` with ``method`` for ``seed`` on the slice; write metrics.csv and eval.npz in ``out_dir``."""
+    from equipet.device import select_device
+
+    sl = _SliceData(cfg, slice_path, system_path if method == "poisson" else None, select_device(cfg["device"]))
+    run = _prepare_run(cfg, sl, method, model_name, seed, out_dir)
+    result = train(run.model, run.net_input, run.loss, run.settings, run.out_dir, desc=run.desc,
+                   stop_rule=run.stop_rule)
+    return _finish_run(cfg, sl, method, model_name, seed, run, result)
+
+
+def run_dir(root: Path, method: str, model_name: str, seed: int) -> Path:
+    """Where a run of a CTR's assisted directory ``root`` lives (the rules' layout)."""
+    return Path(root) / method / model_name / f"seed{seed}"
+
+
+def run_assisted_group(cfg: Mapping[str, Any], slice_path: Path, runs: Sequence[tuple[str, str, int]],
+                       out_root: Path, system_path: Path | None = None) -> list[pd.DataFrame]:
+    """Train the ``(method, model, seed)`` runs of one slice together in this process
+    (:func:`equipet.networks.stacked.train_stacked`; ``assisted.group_runs: ctr``), each into
+    :func:`run_dir` of ``out_root`` with the files of :func:`run_assisted`.
+
+    A run that diverges leaves its last checkpoint and the others finish; the group then
+    raises the first run's :class:`TrainingDivergedError` (after every other run's files are written).
+    """
+    from equipet.device import select_device
+    from equipet.networks.stacked import train_stacked
+
+    sl = _SliceData(cfg, slice_path, system_path, select_device(cfg["device"]))
+    prepared = [_prepare_run(cfg, sl, m, model, seed, run_dir(out_root, m, model, seed)) for m, model, seed in runs]
+    results = train_stacked(prepared)
+    frames, errors = [], []
+    for (method, model_name, seed), run, result in zip(runs, prepared, results):
+        if isinstance(result, Exception):
+            errors.append(result)
+            continue
+        frames.append(_finish_run(cfg, sl, method, model_name, seed, run, result))
+    if errors:
+        raise errors[0]
+    return frames
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``equipet-assisted``: SCNN/CNN-assisted reconstruction of the central slice for one CTR, model and seed."""
+    """``equipet-assisted``: SCNN/CNN-assisted reconstruction of the central slice of one CTR: one run, or
+    several trained together in one process (``--out-root``)."""
     cli.run(_main, argv)
 
 
@@ -557,18 +608,28 @@ def _main(argv: Sequence[str] | None) -> None:
     cli.add_common_arguments(p)
     p.add_argument("--slice", type=Path, required=True, help="slice.npz from equipet-central-slice")
     p.add_argument("--system", type=Path, help="system.pt from equipet-central-slice (method poisson)")
-    p.add_argument("--method", choices=METHODS, required=True)
-    p.add_argument("--model", choices=["cnn", "scnn"], required=True)
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--method", choices=METHODS, nargs="+", required=True)
+    p.add_argument("--model", choices=["cnn", "scnn"], nargs="+", required=True)
+    p.add_argument("--seed", type=int, nargs="+", required=True)
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out-dir", type=Path, help="the run's directory (one method, model and seed)")
+    out.add_argument("--out-root", type=Path,
+                     help="the CTR's assisted directory: every combination of --method, --model and --seed is "
+                          "trained together in this process, each into OUT_ROOT/METHOD/MODEL/seedSEED")
     args = p.parse_args(argv)
     cli.setup_logging(args.log)
-    if args.method == "poisson" and args.system is None:
+    if "poisson" in args.method and args.system is None:
         p.error("--method poisson needs --system (the stored slice matrix)")
     cfg = cli.settings_from_args(args)
-    run_assisted(cfg, args.slice, args.method, args.model, args.seed, args.out_dir, args.system)
+    runs = [(m, model, seed) for m in args.method for model in args.model for seed in args.seed]
+    if args.out_dir is not None:
+        if len(runs) > 1:
+            p.error(f"--out-dir takes one run, got {len(runs)}; use --out-root to train several together")
+        run_assisted(cfg, args.slice, *runs[0], args.out_dir, args.system)
+    else:
+        run_assisted_group(cfg, args.slice, runs, args.out_root, args.system)
 
 
 __all__ = ["ListmodePoissonLoss", "ListmodeLeastSquaresLoss", "SubsetPoissonLoss", "SliceForwardModel",
            "NonNegativeOutput", "PlateauStop", "plateau_epoch", "running_mean", "loss_summary", "build_loss",
-           "load_system", "run_assisted", "METHODS", "ImageGeometry"]
+           "load_system", "run_assisted", "run_assisted_group", "run_dir", "METHODS", "ImageGeometry"]

@@ -37,7 +37,14 @@ __all__ = [
     "rotate_image",
     "disk_mask",
     "smooth_test_image",
+    "NonNegativeOutput",
+    "SOFTPLUS_BETA",
 ]
+
+#: softplus sharpness of :class:`NonNegativeOutput`, in units of the network's input scale ``c``
+#: (the assisted methods feed images of order one): softplus_beta(z) - max(z, 0) <= ln 2 / beta
+#: = 0.035 c, at z = 0
+SOFTPLUS_BETA = 20.0
 
 
 # --------------------------------------------------------------------------- escnn compatibility
@@ -377,6 +384,22 @@ class CNN(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(B, 1, H, W)`` to ``(B, 1, H, W)``."""
         return self.net(x)
+
+
+class NonNegativeOutput(torch.nn.Module):
+    """``softplus_beta(net(x))``: the network's image made positive (the likelihood methods of
+    :mod:`equipet.assisted.methods`).
+
+    Softplus acts pixel by pixel, so a network equivariant under rotations stays so.
+    """
+
+    def __init__(self, net: torch.nn.Module, beta: float = SOFTPLUS_BETA):
+        super().__init__()
+        self.net = net
+        self.softplus = torch.nn.Softplus(beta=beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.softplus(self.net(x))
 
 
 def _constant_cutoff(max_frequency: float, radius: float) -> float:

@@ -19,8 +19,10 @@ Outputs written into ``out_dir`` (all atomically, see :func:`equipet.files.atomi
 ``snapshots/epoch_{k:06d}.npy``
     the network output ``(H, W)`` float32 in eval mode after ``k`` steps.
 ``timing.json``
-    ``epochs, total_s, s_per_epoch, device, torch, n_parameters, resumed_from_epoch``
-    (``resumed_from_epoch`` is 0 for a run that started from scratch).
+    ``epochs, epochs_requested, stopped_early, total_s, s_per_epoch, device, torch,
+    n_parameters, resumed_from_epoch, batched_runs`` (``resumed_from_epoch`` is 0 for a run
+    that started from scratch; ``batched_runs`` the number of runs that shared each step in one
+    process, 1 here and R for runs trained together by :mod:`equipet.networks.stacked`).
 ``model.pt``
     the final ``state_dict`` (CPU tensors; taken in eval mode so that it loads
     into a freshly built model).
@@ -488,15 +490,7 @@ def _train(
         log.info("%s: resuming from %s at epoch %d", desc or out_dir, ckpt_path, start_epoch)
 
     snapshot_set = set(settings.snapshots)
-    snapshot_epochs = sorted(snapshot_set)
-    snapshots: dict[int, np.ndarray] = {}
-    for epoch in snapshot_epochs:
-        if epoch <= start_epoch:
-            path = _snapshot_path(out_dir, epoch)
-            if path.exists():
-                snapshots[epoch] = np.load(path)
-            else:
-                log.warning("%s: snapshot %s from before the checkpoint is missing; it cannot be remade", desc, path)
+    snapshots = _earlier_snapshots(out_dir, settings, start_epoch, desc)
 
     log.info(
         "%s: training %s (%d parameters) on %s for %d epochs, lr=%g, seed=%d",
@@ -507,20 +501,8 @@ def _train(
     last_checkpoint = [start_epoch]  # epoch of the checkpoint on disk (0: none)
 
     def write_checkpoint(epoch: int) -> None:
-        _save_torch(ckpt_path, {
-            "stopped_early": bool(stopped_at),
-            "format": _CHECKPOINT_FORMAT,
-            "fingerprint": fingerprint,
-            "epoch": epoch,
-            "model": _state_dict_cpu(model),
-            "optimizer": optimizer.state_dict(),
-            "losses": list(losses),
-            "wall_time_s": list(wall_time_s),
-            "rng": _rng_state(),
-            "settings": asdict(settings),
-            **({"loss_state": loss.checkpoint_state()} if hasattr(loss, "checkpoint_state") else {}),
-        })
-        _write_loss_csv(out_dir / "loss.csv", losses, wall_time_s)
+        _write_checkpoint(out_dir, _checkpoint(fingerprint, epoch, _state_dict_cpu(model), optimizer.state_dict(),
+                                               losses, wall_time_s, _rng_state(), settings, bool(stopped_at), loss))
         last_checkpoint[0] = epoch
 
     def diverged(epoch: int, what: str) -> TrainingDivergedError:
@@ -581,19 +563,71 @@ def _train(
 
     if start_epoch == (stopped_at or settings.epochs):  # nothing left to do; refresh the outputs
         write_checkpoint(start_epoch)
+    return _finish(out_dir, desc, model, losses, wall_time_s, snapshots, settings, bool(stopped_at), device,
+                   n_parameters, start_epoch, batched_runs=1)
+
+
+def _earlier_snapshots(out_dir: Path, settings: TrainSettings, start_epoch: int, desc: str) -> dict[int, np.ndarray]:
+    """The snapshots a resumed run made before its checkpoint (read back from ``snapshots/``)."""
+    snapshots: dict[int, np.ndarray] = {}
+    for epoch in sorted(set(settings.snapshots)):
+        if epoch <= start_epoch:
+            path = _snapshot_path(out_dir, epoch)
+            if path.exists():
+                snapshots[epoch] = np.load(path)
+            else:
+                log.warning("%s: snapshot %s from before the checkpoint is missing; it cannot be remade", desc, path)
+    return snapshots
+
+
+def _checkpoint(fingerprint: dict[str, Any], epoch: int, model_state: dict[str, torch.Tensor],
+                optimizer_state: dict[str, Any], losses: list[float], wall_time_s: list[float], rng: dict[str, Any],
+                settings: TrainSettings, stopped_early: bool, loss: Any) -> dict[str, Any]:
+    """The content of ``checkpoint.pt`` (one layout for a run trained alone or stacked with others)."""
+    return {
+        "stopped_early": bool(stopped_early),
+        "format": _CHECKPOINT_FORMAT,
+        "fingerprint": fingerprint,
+        "epoch": epoch,
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "losses": list(losses),
+        "wall_time_s": list(wall_time_s),
+        "rng": rng,
+        "settings": asdict(settings),
+        **({"loss_state": loss.checkpoint_state()} if hasattr(loss, "checkpoint_state") else {}),
+    }
+
+
+def _write_checkpoint(out_dir: Path, checkpoint: dict[str, Any]) -> None:
+    _save_torch(out_dir / CHECKPOINT_NAME, checkpoint)
+    _write_loss_csv(out_dir / "loss.csv", checkpoint["losses"], checkpoint["wall_time_s"])
+
+
+def _finish(out_dir: Path, desc: str, model: torch.nn.Module, losses: list[float], wall_time_s: list[float],
+            snapshots: dict[int, np.ndarray], settings: TrainSettings, stopped_early: bool, device: torch.device,
+            n_parameters: int, start_epoch: int, batched_runs: int) -> TrainResult:
+    """Write ``model.pt`` and ``timing.json`` of a finished run; its :class:`TrainResult`.
+
+    ``batched_runs`` is the number of runs that shared each training step in one process
+    (:mod:`equipet.networks.stacked`; 1 for a run trained alone): ``total_s`` is the wall time
+    of those shared steps, so a run's time is comparable with another's only at equal
+    ``batched_runs`` on the same device.
+    """
     _save_torch(out_dir / "model.pt", _state_dict_cpu(model))
     total_s = wall_time_s[-1] if wall_time_s else 0.0
     epochs_run = len(losses)
     timing = {
         "epochs": epochs_run,
         "epochs_requested": settings.epochs,
-        "stopped_early": bool(stopped_at),
+        "stopped_early": bool(stopped_early),
         "total_s": total_s,
         "s_per_epoch": total_s / max(epochs_run, 1),
         "device": str(device),
         "torch": torch.__version__,
         "n_parameters": n_parameters,
         "resumed_from_epoch": start_epoch,
+        "batched_runs": int(batched_runs),
     }
     with atomic_path(out_dir / "timing.json") as tmp:
         tmp.write_text(json.dumps(timing, indent=2) + "\n")

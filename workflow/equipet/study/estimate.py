@@ -185,6 +185,26 @@ def dry_run_jobs(configfiles: Sequence[str], cores: int, workdir: Path = REPO,
     return parse_dry_run(proc.stdout + "\n" + proc.stderr)[0]
 
 
+def runs_of_groups(jobs: Sequence[Job], cfg: Mapping[str, Any]) -> list[Job]:
+    """Each ``assisted_train_ctr`` job (``assisted.group_runs: ctr``) as the ``assisted_train``
+    jobs of its runs: the estimate times the runs one by one, an upper bound for runs trained
+    together (``workflow/benchmarks/bench_assisted.py --runs`` measures the gain).
+
+    >>> cfg = {"assisted": {"methods": ["paper"]}, "seeds": [0, 1]}
+    >>> [j.wildcards["seed"] for j in runs_of_groups([Job("assisted_train_ctr", {"ctr": "100"})], cfg)]
+    ['0', '1', '0', '1']
+    """
+    out: list[Job] = []
+    for job in jobs:
+        if job.rule != "assisted_train_ctr":
+            out.append(job)
+            continue
+        out += [Job("assisted_train", {**job.wildcards, "method": m, "model": model, "seed": str(seed)},
+                    job.threads, job.gpu)
+                for m in cfg["assisted"]["methods"] for model in ("cnn", "scnn") for seed in cfg["seeds"]]
+    return out
+
+
 def load_run_config(configfiles: Sequence[str], workdir: Path = REPO) -> dict[str, Any]:
     """The validated config Snakemake will see: config/config.yaml, then ``configfiles`` in order."""
     from equipet.config import load_config
@@ -660,7 +680,7 @@ def _main(argv: Sequence[str] | None) -> None:
     if device.type == "cpu":
         # every timed rule runs with at most 2 threads (its `threads:`), and so does the calibration
         torch.set_num_threads(max(1, min(2, cores)))
-    jobs = dry_run_jobs(args.configfile, cores, args.workdir)
+    jobs = runs_of_groups(dry_run_jobs(args.configfile, cores, args.workdir), cfg)
     costs = calibrate(cfg, device, jobs)
     stages = estimate(jobs, cfg, costs)
     print(report(stages, costs, cfg, args.configfile, cores), flush=True)

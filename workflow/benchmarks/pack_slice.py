@@ -1,0 +1,54 @@
+"""Carry a central slice (``slice.npz`` of equipet-central-slice) to another machine in fewer bytes.
+
+    python workflow/benchmarks/pack_slice.py pack   results/assisted/ctr100/slice.npz ctr100.packed.npz
+    python workflow/benchmarks/pack_slice.py unpack ctr100.packed.npz results/assisted/ctr100/slice.npz
+
+Lossless for every array the assisted runs read: the event end points ``p1``, ``p2`` (a few
+hundred thousand distinct crystal/depth positions) are stored as indices into their table of
+distinct points, and the arrays no run reads (``background_out_of_slab`` and
+``background_additive``, whose sum is ``background``; the MLEM baseline images, which are in
+``baselines.csv``) are left out. ``unpack`` checks the points it rebuilds against the stored
+checksum. Used by ``gpu_grid.sh`` to fit the three CTRs' slices into one transfer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import numpy as np
+
+DROPPED = ("background_out_of_slab", "background_additive")
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def pack(src: str, dst: str) -> None:
+    d = dict(np.load(src))
+    n = len(d["p1"])
+    points, index = np.unique(np.concatenate([d["p1"], d["p2"]]), axis=0, return_inverse=True)
+    index = index.reshape(-1).astype(np.uint32)
+    out = {k: v for k, v in d.items()
+           if k not in ("p1", "p2", *DROPPED) and not (k.startswith("baseline_") and v.ndim == 2)}
+    out.update(points=points, i1=index[:n], i2=index[n:], points_sha256=np.asarray(_digest(d["p1"], d["p2"])))
+    np.savez_compressed(dst, **out)
+
+
+def unpack(src: str, dst: str) -> None:
+    d = dict(np.load(src))
+    p1, p2 = d["points"][d.pop("i1")], d["points"][d.pop("i2")]
+    if _digest(p1, p2) != str(d.pop("points_sha256")):
+        raise SystemExit(f"{src}: the rebuilt event end points do not match their checksum")
+    d.pop("points")
+    np.savez(dst, p1=p1, p2=p2, **d)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] not in ("pack", "unpack"):
+        raise SystemExit(__doc__)
+    (pack if sys.argv[1] == "pack" else unpack)(sys.argv[2], sys.argv[3])
