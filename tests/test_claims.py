@@ -390,3 +390,67 @@ def test_grid_scope_shows_a_reproducing_configuration():
     # the slow configuration alone does not reproduce them: the verdict above is scnn_b's
     alone = paper_claims(metrics, [r for r in runs if r.configuration != "scnn_b"], PLATEAU).set_index("claim_id")
     assert alone.loc["denoise_scnn1000_vs_cnn2000", "verdict"] == NOT_REPRODUCED
+
+
+# ------------------------------------------------------------------ the second pre-registration (rules 2)
+
+
+def test_rules2_need_every_seed_with_its_margin_where_rules1_take_a_majority():
+    """PSNR SCNN - CNN of +0.5, +0.5, -0.2 dB: a majority (rules 1) but not every seed (rules 2);
+    +0.05 dB in every seed: rules 1 yes, rules 2 no (below the 0.1 dB margin); +0.15 dB: both."""
+    metrics, runs = assisted()
+    for scnn_psnr, v1, v2 in (((30.5, 30.5, 29.8), REPRODUCED, NOT_REPRODUCED),
+                              ((30.05, 30.05, 30.05), REPRODUCED, NOT_REPRODUCED),
+                              ((30.15, 30.15, 30.15), REPRODUCED, REPRODUCED)):
+        m = pd.concat([metrics, brain_metrics({("scnn", "train"): scnn_psnr})], ignore_index=True)
+        got = [verdicts(paper_claims(m, brain_runs() + runs, PLATEAU, rules=r))["denoise_psnr_scnn_ge_cnn"]
+               for r in (1, 2)]
+        assert got == [v1, v2], scnn_psnr
+
+
+def test_rules2_absolute_times_only_on_the_papers_gpu_and_ratios_from_times_measured_alone():
+    metrics, runs = assisted()
+    table = paper_claims(metrics, runs, PLATEAU, rules=2)
+    v = verdicts(table)
+    for claim in ("assisted_time_scnn", "assisted_time_cnn", "assisted_scnn_plateau_time"):
+        assert v[claim] == NOT_COMPARABLE and "hardware" in table.set_index("claim_id").loc[claim, "reason"], claim
+    assert v["assisted_time_ratio_scnn_cnn"] == NOT_COMPARABLE       # no time measured alone: contention
+    titan = [replace(r, device="cuda: NVIDIA TITAN RTX") for r in runs]
+    assert verdicts(paper_claims(metrics, titan, PLATEAU, rules=2))["assisted_time_scnn"] == REPRODUCED
+    # the ratio of per-epoch times measured alone: one number, at most 2 x the paper's 870 / 821
+    for scnn_ms, expected in ((5.0, REPRODUCED), (11.0, NOT_REPRODUCED)):
+        alone = {("paper", 100.0, "scnn"): scnn_ms / 1e3, ("paper", 100.0, "cnn"): 2.5e-3}
+        row = paper_claims(metrics, runs, PLATEAU, rules=2, alone_s_per_epoch=alone).set_index("claim_id").loc[
+            "assisted_time_ratio_scnn_cnn"]
+        assert row["verdict"] == expected and row["n"] == 1 and row["measured_mean"] == pytest.approx(scnn_ms / 2.5)
+    # times of runs that shared their steps are not judged (brain ratio claims)
+    batched = [replace(r, batched_runs=3) for r in brain_runs()]
+    b = paper_claims(brain_metrics(), batched, PLATEAU, rules=2).set_index("claim_id")
+    assert b.loc["denoise_time_ratio_scnn_cnn", "verdict"] == NOT_COMPARABLE
+    assert "contention" in b.loc["denoise_time_ratio_scnn_cnn", "reason"]
+    assert paper_claims(brain_metrics(), brain_runs(), PLATEAU, rules=2).set_index("claim_id").loc[
+        "denoise_time_ratio_scnn_cnn", "verdict"] == REPRODUCED
+
+
+def test_rules2_instability_does_not_depend_on_where_the_loss_starts():
+    """One rise by a decade on the way down: U2 is 1 decade whether the curve starts at 10 or at
+    1e4; U (rules 1) divides by the fall from the first loss and changes 3-fold."""
+    from equipet.study.ablation import loss_rise
+
+    near = [10.0, 1.0, 10.0, 1.0, 0.1, 0.01]
+    far = [1e4, 1.0, 10.0, 1.0, 0.1, 0.01]
+    assert loss_rise(near, 1) == pytest.approx(1.0) and loss_rise(far, 1) == pytest.approx(1.0)
+    assert loss_instability(near) == pytest.approx(1 / 3) and loss_instability(far) == pytest.approx(1 / 6)
+    # the smoothing window damps a one-epoch spike
+    spike = [1.0, 0.5, 50.0, 0.25, 0.2, 0.1, 0.05]
+    assert loss_rise(spike, 3) < loss_rise(spike, 1)
+
+
+def test_paper_scope_comes_from_the_grid_when_there_are_no_plain_runs():
+    scnn, cnn = {"scnn": "scnn_paper"}, {"cnn": "cnn_paper"}
+    runs = _staged(brain_runs(scnn_fast=True), "grid", scnn) + _staged(brain_runs(scnn_fast=True), "grid", cnn)
+    metrics = pd.concat([_staged_metrics("grid", c) for c in (scnn, cnn)], ignore_index=True)
+    table = paper_claims(metrics, runs, PLATEAU)
+    assert set(table["scope"]) == {"paper configuration", "grid"}
+    paper = table[table["scope"] == "paper configuration"].set_index("claim_id")
+    assert paper.loc["denoise_scnn1000_vs_cnn2000", "verdict"] == REPRODUCED

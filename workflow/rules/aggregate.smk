@@ -115,7 +115,8 @@ rule brain_claims:
         metrics=[f"{d}/metrics.csv" for d in BRAIN_CLAIM_RUNS],
         runs=[f"{d}/{f}" for d in BRAIN_CLAIM_RUNS for f in ("loss.csv", "timing.json")],
     output:
-        report(
+        rules2=f"{RESULTS}/tables/paper_claims_brain_rules2.csv",
+        table=report(
             f"{RESULTS}/tables/paper_claims_brain.csv",
             caption="../report/paper_claims_brain.rst",
             category="Tables",
@@ -127,6 +128,7 @@ rule brain_claims:
     params:
         settings=settings("assisted"),
         runs=BRAIN_CLAIM_RUNS,
+        extra="",
     localrule: True
     resources:
         mem_mb=1000,

@@ -287,6 +287,7 @@ class _Run:
         self.stopped_at = 0
         self.last_checkpoint = 0
         self.error: TrainingDivergedError | None = None
+        self.batched_runs = 1
         path = self.out_dir / CHECKPOINT_NAME
         if path.exists():
             ckpt = _load_checkpoint(path, self.fingerprint, s)
@@ -301,6 +302,7 @@ class _Run:
             self.start_epoch = self.last_checkpoint = int(ckpt["epoch"])
             self.stopped_at = self.start_epoch if ckpt.get("stopped_early") else 0
             self.rng = ckpt["rng"]
+            self.batched_runs = int(ckpt.get("batched_runs", 1))   # of the steps so far (a refresh keeps it)
             log.info("%s: resuming from %s at epoch %d", self.desc, path, self.start_epoch)
         self.snapshots = _earlier_snapshots(self.out_dir, s, self.start_epoch, self.desc)
         self.end_epoch = self.stopped_at or s.epochs
@@ -313,7 +315,7 @@ class _Run:
         s = self.spec
         _write_checkpoint(self.out_dir, _checkpoint(self.fingerprint, epoch, _state_dict_cpu(s.model),
                                                     self.optimizer_state, self.losses, self.wall_time_s, self.rng,
-                                                    s.settings, bool(self.stopped_at), s.loss))
+                                                    s.settings, bool(self.stopped_at), s.loss, self.batched_runs))
         self.last_checkpoint = epoch
 
     def save_snapshot(self, epoch: int, image: np.ndarray) -> None:
@@ -450,7 +452,7 @@ def train_stacked(specs: Sequence[StackedRun]) -> list[TrainResult | TrainingDiv
             n_parameters = sum(p.numel() for p in run.spec.model.parameters() if p.requires_grad)
             results.append(_finish(run.out_dir, run.desc, run.spec.model, run.losses, run.wall_time_s, run.snapshots,
                                    run.spec.settings, bool(run.stopped_at), device, n_parameters, run.start_epoch,
-                                   batched_runs=getattr(run, "batched_runs", 1)))
+                                   batched_runs=run.batched_runs))
         return results
     finally:
         torch.set_rng_state(torch_state)

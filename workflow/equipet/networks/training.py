@@ -582,9 +582,10 @@ def _earlier_snapshots(out_dir: Path, settings: TrainSettings, start_epoch: int,
 
 def _checkpoint(fingerprint: dict[str, Any], epoch: int, model_state: dict[str, torch.Tensor],
                 optimizer_state: dict[str, Any], losses: list[float], wall_time_s: list[float], rng: dict[str, Any],
-                settings: TrainSettings, stopped_early: bool, loss: Any) -> dict[str, Any]:
+                settings: TrainSettings, stopped_early: bool, loss: Any, batched_runs: int = 1) -> dict[str, Any]:
     """The content of ``checkpoint.pt`` (one layout for a run trained alone or stacked with others)."""
     return {
+        "batched_runs": int(batched_runs),
         "stopped_early": bool(stopped_early),
         "format": _CHECKPOINT_FORMAT,
         "fingerprint": fingerprint,

@@ -457,3 +457,27 @@ def loss_instability(losses: Sequence[float] | np.ndarray) -> float:
         return float("nan")
     rises = np.clip(np.diff(l[: k_min + 1]), 0.0, None).sum()
     return float(rises / fall)
+
+
+def loss_rise(losses: Sequence[float] | np.ndarray, window: int) -> float:
+    """Instability ``U2`` of a loss curve (``config/preregistration_2.md``, section 3).
+
+    With ``m_k = log10`` of the trailing running mean of the loss over ``window`` epochs and
+    ``k*`` the epoch of its minimum, ``U2 = sum_{k < k*} max(0, m_{k+1} - m_k)``: the total rise,
+    in decades, on the way to the minimum. Not normalised (where the loss starts does not
+    matter); scale-free (a log). NaN for a curve that is not positive and finite.
+
+    >>> loss_rise([4.0, 2.0, 1.0], 1)
+    0.0
+    >>> round(loss_rise([1.0, 10.0, 1.0, 0.1], 1), 6)    # one rise by a decade
+    1.0
+    """
+    from equipet.assisted.methods import running_mean
+
+    l = np.asarray(losses, dtype=float)
+    if l.size < 2 or not np.all(np.isfinite(l)) or np.any(l <= 0):
+        return float("nan")
+    m = np.log10(running_mean(l, window))
+    k_min = int(np.argmin(m))
+    return float(np.clip(np.diff(m[: k_min + 1]), 0.0, None).sum())
+

@@ -54,7 +54,7 @@ import pandas as pd
 
 from equipet import cli
 from equipet.assisted.methods import plateau_epoch, running_mean
-from equipet.study.ablation import loss_instability, read_labels
+from equipet.study.ablation import loss_instability, loss_rise, read_labels
 from equipet.runs import run_labels
 from equipet.errors import InputDataError
 from equipet.files import atomic_path
@@ -74,7 +74,15 @@ PAPER_DEVICE = "NVIDIA TITAN RTX GPU"
 #: "smallest resolved rod" when not even the largest rods are resolved (larger than every rod)
 NONE_RESOLVED_MM = 10.0
 COLUMNS = ["claim_id", "section", "claim", "scope", "scnn_configuration", "cnn_configuration", "method", "ctr_ps",
-           "paper_value", "unit", "measured_mean", "measured_sd", "n", "seeds_met", "rule", "verdict", "reason"]
+           "paper_value", "unit", "measured_mean", "measured_sd", "n", "seeds_met", "rule", "verdict", "reason",
+           "rules"]
+#: rules 2 (config/preregistration_2.md): the paper's GPU, the only one on which an absolute time is judged
+PAPER_GPU_NAME = "TITAN RTX"
+#: rules 2 margins (config/preregistration_2.md section 2)
+MARGIN_RATIO = 0.05
+MARGIN_PSNR_DB = 0.1
+MARGIN_SSIM = 0.005
+MARGIN_INSTABILITY = 0.05
 
 
 @dataclass
@@ -92,6 +100,7 @@ class Run:
     stage: str | None = None              # ablation stage: grid or confirm
     paper_consistent: bool = True
     method: str = PAPER_METHOD            # assisted method
+    batched_runs: int = 1                 # runs that shared its training steps (timing.json)
 
     @property
     def epochs(self) -> int:
@@ -115,7 +124,8 @@ def load_run(run_dir: Path) -> Run:
                loss["loss"].to_numpy(float), loss["wall_time_s"].to_numpy(float), str(timing.get("device", "?")),
                configuration=labels.get("configuration"), stage=labels.get("stage"),
                paper_consistent=bool(labels.get("paper_consistent", True)),
-               method=str(labels.get("method") or timing.get("method") or PAPER_METHOD))
+               method=str(labels.get("method") or timing.get("method") or PAPER_METHOD),
+               batched_runs=int(timing.get("batched_runs", 1)))
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float, int]:
@@ -128,22 +138,40 @@ def _stats(values: Sequence[float]) -> tuple[float, float, int]:
 class ClaimTable:
     """Accumulates claim rows; every verdict goes through :meth:`add`.
 
-    ``context`` (scope, configurations, method) is copied into every row added while it is set.
+    ``rules``: 1 applies ``config/preregistration.md`` (a majority of seeds), 2 applies
+    ``config/preregistration_2.md`` (every seed, with the claim's margin; times only when measured
+    alone on the device, absolute times only on the paper's GPU). ``context`` (scope,
+    configurations, method) is copied into every row added while it is set. ``alone_s_per_epoch``
+    maps ``(method, ctr_ps, model)`` to seconds per epoch measured alone on the device (the
+    single-run path of ``bench_assisted.py --runs``), for the rules-2 time ratios.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rules: int = 1, alone_s_per_epoch: Mapping[tuple, float] | None = None) -> None:
+        if rules not in (1, 2):
+            raise ValueError(f"rules must be 1 or 2, got {rules}")
+        self.rules = rules
+        self.alone_s_per_epoch = dict(alone_s_per_epoch or {})
         self.rows: list[dict[str, Any]] = []
         self.context: dict[str, Any] = {}
 
     def add(self, claim_id: str, section: str, claim: str, paper: float, unit: str, values: Sequence[float],
             rule: str, holds: Callable[[float], bool] | None, not_comparable: str | None = None,
-            ctr_ps: float | None = None, heldout_db: Sequence[float] | None = None) -> dict[str, Any]:
-        """Judge one claim by the seed-majority rule.
+            ctr_ps: float | None = None, heldout_db: Sequence[float] | None = None,
+            holds2: Callable[[float], bool] | None = None, rule2: str | None = None,
+            not_comparable2: str | None = None, min_seeds: int = MIN_SEEDS) -> dict[str, Any]:
+        """Judge one claim by the rules of this table.
 
         ``values``: the statistic per seed (pair); ``holds``: the rule for one value;
         ``heldout_db``: for the claims marked H, the held-out PSNR difference SCNN - CNN per
-        seed pair (the SCNN must be no worse: mean >= -HELDOUT_TOLERANCE_DB).
+        seed pair (the SCNN must be no worse: mean >= -HELDOUT_TOLERANCE_DB). Rules 2 use
+        ``holds2`` (the rule with its margin; ``holds`` when None) in every seed, ``rule2`` as the
+        rule's text, and add ``not_comparable2`` to the reasons; ``min_seeds`` is 1 for a claim
+        judged on one number (a time ratio measured once per device).
         """
+        if self.rules == 2:
+            not_comparable = _join(not_comparable, not_comparable2)
+            holds = holds2 or holds
+            rule = rule2 or rule
         mean, sd, n = _stats(values)
         finite = [float(v) for v in values if v is not None and np.isfinite(v)]
         met = sum(bool(holds(v)) for v in finite) if holds is not None else 0
@@ -153,10 +181,11 @@ class ClaimTable:
             verdict, reason = NOT_COMPARABLE, "no finite measurement (runs missing or the event never happened)"
         elif holds is None:
             verdict, reason = NOT_COMPARABLE, "no rule"
-        elif n < MIN_SEEDS:
-            verdict, reason = NOT_COMPARABLE, f"seeds: {n} measured, the rules need at least {MIN_SEEDS}"
+        elif n < min_seeds:
+            verdict, reason = NOT_COMPARABLE, f"seeds: {n} measured, the rules need at least {min_seeds}"
         else:
-            majority = met > n / 2
+            # rules 1: more than half of the seeds; rules 2: every seed (a missing value fails)
+            passed = met > n / 2 if self.rules == 1 else met == n == len(values)
             reason = f"rule met in {met} of {n} seeds; mean {mean:.4g} vs paper {paper:g}"
             held_ok = True
             if heldout_db is not None:
@@ -167,14 +196,14 @@ class ClaimTable:
                                      verdict, reason)
                 held_ok = h_mean >= -HELDOUT_TOLERANCE_DB
                 reason += f"; held-out PSNR SCNN - CNN {h_mean:+.2f} dB"
-            verdict = REPRODUCED if majority and held_ok else NOT_REPRODUCED
+            verdict = REPRODUCED if passed and held_ok else NOT_REPRODUCED
         return self._row(claim_id, section, claim, ctr_ps, paper, unit, mean, sd, n, met, rule, verdict, reason)
 
     def _row(self, claim_id: str, section: str, claim: str, ctr_ps: float | None, paper: float, unit: str,
              mean: float, sd: float, n: int, met: int, rule: str, verdict: str, reason: str) -> dict[str, Any]:
         row = {"claim_id": claim_id, "section": section, "claim": claim, "ctr_ps": ctr_ps, "paper_value": paper,
                "unit": unit, "measured_mean": mean, "measured_sd": sd, "n": n, "seeds_met": met, "rule": rule,
-               "verdict": verdict, "reason": reason, **self.context}
+               "verdict": verdict, "reason": reason, "rules": self.rules, **self.context}
         self.rows.append(row)
         return row
 
@@ -213,6 +242,24 @@ def device_reason(runs: Sequence[Run]) -> str | None:
     if all(d.startswith("cuda") for d in devices):
         return None
     return f"device: measured on {', '.join(devices)}; the paper's times are from an {PAPER_DEVICE}"
+
+
+def hardware_reason(runs: Sequence[Run]) -> str | None:
+    """Rules 2: an absolute time is judged only on the paper's GPU."""
+    devices = sorted({r.device for r in runs})
+    if devices and all(PAPER_GPU_NAME in d for d in devices):
+        return None
+    return (f"hardware: absolute times are judged only on the paper's {PAPER_DEVICE} (measured on "
+            f"{', '.join(devices) or 'nothing'})")
+
+
+def contention_reason(runs: Sequence[Run]) -> str | None:
+    """Rules 2: times of runs that shared their steps (batched) or their device (ablation jobs side by side)."""
+    shared = [r for r in runs if r.batched_runs > 1 or r.stage is not None]
+    if not shared:
+        return None
+    return (f"contention: {len(shared)} of {len(runs)} runs shared their training steps or the device "
+            "(batched_runs > 1, or ablation jobs side by side)")
 
 
 def _at_most(factor: float, paper: float) -> Callable[[float], bool]:
@@ -287,11 +334,12 @@ def brain_pair_claims(table: ClaimTable, scnn_runs: Sequence[Run], cnn_runs: Seq
                       "denoising: SCNN reaches CNN's 2000-epoch loss by 1000 epochs", 1.0, "ratio",
                       [smoothed_at(s, 1000, window) / smoothed_at(c, 2000, window) for s, c in pairs],
                       "per seed pair: SCNN loss(1000) / CNN loss(2000) <= 1 (H)", lambda m: m <= 1.0, scale,
-                      heldout_db=held)
+                      heldout_db=held, holds2=lambda m: m <= 1.0 - MARGIN_RATIO,
+                      rule2="every seed pair: SCNN loss(1000) / CNN loss(2000) <= 0.95 (H)")
             _time_claims(table, "denoise", "III-A", scnn, cnn, {"cnn": 104.0, "scnn": 106.0}, PAPER_EPOCHS["denoise"])
         else:
             _radon_loss_claims(table, scnn, cnn, pairs, held, scale, window)
-        _new_brain_claims(table, experiment, pairs, metrics, held, scale)
+        _new_brain_claims(table, experiment, pairs, metrics, held, scale, window)
 
 
 def _radon_loss_claims(table: ClaimTable, scnn: Sequence[Run], cnn: Sequence[Run], pairs: Sequence[tuple[Run, Run]],
@@ -304,77 +352,102 @@ def _radon_loss_claims(table: ClaimTable, scnn: Sequence[Run], cnn: Sequence[Run
     table.add("radon_min_loss_ratio", "III-B", "reconstruction: minimum loss SCNN 0.015 against CNN 0.14",
               0.14 / 0.015, "ratio", [minimum(c) / minimum(s) for s, c in pairs],
               "per seed pair: CNN min loss / SCNN min loss >= paper / 2 (H)", lambda m: m >= 0.14 / 0.015 / 2,
-              scale, heldout_db=held)
+              scale, heldout_db=held, holds2=lambda m: m >= 0.14 / 0.015 / 2 * (1 + MARGIN_RATIO),
+              rule2="every seed pair: CNN min loss / SCNN min loss >= 1.05 x paper / 2 (H)")
     table.add("radon_scnn500_vs_cnn_min", "IV", "reconstruction: SCNN at 0.02 by 500 epochs (CNN 0.14 after 5000)",
               0.02 / 0.14, "ratio", [smoothed_at(s, 500, window) / minimum(c) for s, c in pairs],
-              "per seed pair: SCNN loss(500) / CNN min loss <= 1 (H)", lambda m: m <= 1.0, scale, heldout_db=held)
+              "per seed pair: SCNN loss(500) / CNN min loss <= 1 (H)", lambda m: m <= 1.0, scale, heldout_db=held,
+              holds2=lambda m: m <= 1.0 - MARGIN_RATIO, rule2="every seed pair: SCNN loss(500) / CNN min loss <= 0.95 (H)")
     reach = [first_epoch_below(s, minimum(c), window) for s, c in pairs]
     table.add("radon_speedup_epochs", "IV", "speed: ~10x fewer epochs (SCNN reaches CNN's best loss)", 10.0, "ratio",
               [PAPER_EPOCHS["radon_recon"] / e if np.isfinite(e) else 0.0 for e in reach],
               "per seed pair: 5000 / epoch SCNN reaches CNN's min loss >= paper / 2 (H)", lambda m: m >= 5.0, scale,
-              heldout_db=held)
+              heldout_db=held, holds2=lambda m: m >= 5.0 * (1 + MARGIN_RATIO),
+              rule2="every seed pair: 5000 / epoch SCNN reaches CNN's min loss >= 1.05 x paper / 2 (H)")
     times = [c.wall_time_s[-1] / s.wall_time_s[int(e) - 1] if np.isfinite(e) else 0.0
              for (s, c), e in zip(pairs, reach)]
     table.add("radon_speedup_time", "IV", "speed: ~9x less time", 766.0 / 87.0, "ratio", times,
               "per seed pair: CNN time(5000) / SCNN time to CNN's min loss >= paper / 2 (GPU)",
-              lambda m: m >= 766.0 / 87.0 / 2, _join(scale, device_reason(list(scnn) + list(cnn))))
+              lambda m: m >= 766.0 / 87.0 / 2, _join(scale, device_reason(list(scnn) + list(cnn))),
+              not_comparable2=contention_reason(list(scnn) + list(cnn)))
     _time_claims(table, "radon_recon", "III-B", scnn, cnn, {"cnn": 766.0, "scnn": 784.0}, PAPER_EPOCHS["radon_recon"])
     table.add("radon_time_scnn_500", "III-B", "reconstruction: SCNN takes 87 s for 500 epochs", 87.0, "s",
               [r.wall_time_s[499] if r.epochs >= 500 else float("nan") for r in scnn],
               f"GPU and at most x{TIME_TOLERANCE:g} the paper's", _at_most(TIME_TOLERANCE, 87.0),
-              _join(scale_reason(scnn, 500), device_reason(scnn)))
+              _join(scale_reason(scnn, 500), device_reason(scnn)), not_comparable2=hardware_reason(scnn))
 
 
 def _new_brain_claims(table: ClaimTable, experiment: str, pairs: Sequence[tuple[Run, Run]], metrics: pd.DataFrame,
-                      held: Sequence[float], scale: str | None) -> None:
+                      held: Sequence[float], scale: str | None, window: int) -> None:
     """The claims the paper makes in words (config/preregistration.md section 4)."""
     label = {"denoise": "denoising", "radon_recon": "reconstruction"}[experiment]
     section = {"denoise": "III-A/IV", "radon_recon": "III-B/IV"}[experiment]
     m = lambda r, split, metric: run_metric(metrics, r, split, metric)  # noqa: E731
     for metric in ("psnr", "ssim"):
         unit = "dB" if metric == "psnr" else "1"
+        margin = MARGIN_PSNR_DB if metric == "psnr" else MARGIN_SSIM
         table.add(f"{experiment}_{metric}_scnn_ge_cnn", section,
                   f"{label}: SCNN image quality ({metric.upper()}) at least the CNN's", 0.0, unit,
                   [m(s, "train", metric) - m(c, "train", metric) for s, c in pairs],
                   f"per seed pair: {metric.upper()} SCNN - CNN on the training slice >= 0 (H)",
-                  lambda v: v >= 0.0, scale, heldout_db=held)
+                  lambda v: v >= 0.0, scale, heldout_db=held, holds2=lambda v, m2=margin: v >= m2,
+                  rule2=f"every seed pair: {metric.upper()} SCNN - CNN on the training slice >= {margin:g} (H)")
     dip = any(r.configuration and "dip" in r.configuration for p in pairs for r in p)
     for split, what in (("heldout", "held-out slices"), ("rotated", "rotated inputs")):
         reason = _join(scale, "deep-image-prior input: a fixed noise image carries nothing of a held-out slice"
                        if dip and split == "heldout" else None)
         table.add(f"{experiment}_{split}_psnr_scnn_gt_cnn", "I/IV", f"{label}: SCNN generalises better to {what}",
                   0.0, "dB", [m(s, split, "psnr") - m(c, split, "psnr") for s, c in pairs],
-                  f"per seed pair: PSNR on {what} SCNN - CNN > 0", lambda v: v > 0.0, reason)
+                  f"per seed pair: PSNR on {what} SCNN - CNN > 0", lambda v: v > 0.0, reason,
+                  holds2=lambda v: v >= MARGIN_PSNR_DB, rule2=f"every seed pair: PSNR on {what} SCNN - CNN >= 0.1 dB")
         table.add(f"{experiment}_{split}_gap_scnn_lt_cnn", "I/IV",
                   f"{label}: SCNN loses less quality than the CNN on {what}", 0.0, "dB",
                   [(m(c, "train", "psnr") - m(c, split, "psnr")) - (m(s, "train", "psnr") - m(s, split, "psnr"))
                    for s, c in pairs],
                   f"per seed pair: gap_CNN - gap_SCNN > 0, gap = PSNR train - PSNR on {what}", lambda v: v > 0.0,
-                  reason)
+                  reason, holds2=lambda v: v >= MARGIN_PSNR_DB,
+                  rule2=f"every seed pair: gap_CNN - gap_SCNN >= 0.1 dB, gap = PSNR train - PSNR on {what}")
+    if table.rules == 1:
+        stability = [loss_instability(c.losses) - loss_instability(s.losses) for s, c in pairs]
+    else:
+        stability = [loss_rise(c.losses, window) - loss_rise(s.losses, window) for s, c in pairs]
     table.add(f"{experiment}_loss_stability", "III-C/IV", f"{label}: SCNN loss decreases more stably than the CNN's",
-              0.0, "1", [loss_instability(c.losses) - loss_instability(s.losses) for s, c in pairs],
+              0.0, "1", stability,
               "per seed pair: instability U_CNN - U_SCNN > 0 (U: rise of log-loss before its minimum / its fall)",
-              lambda v: v > 0.0, scale)
+              lambda v: v > 0.0, scale, holds2=lambda v: v >= MARGIN_INSTABILITY,
+              rule2="every seed pair: U2_CNN - U2_SCNN >= 0.05 (U2: rise of the smoothed log10-loss before its "
+                    "minimum, decades)")
 
 
 def _time_claims(table: ClaimTable, experiment: str, section: str, scnn: Sequence[Run], cnn: Sequence[Run],
                  paper: Mapping[str, float], epochs: int, ctr_ps: float | None = None,
-                 not_comparable: str | None = None) -> None:
+                 not_comparable: str | None = None, method: str = PAPER_METHOD) -> None:
     label = {"denoise": "denoising", "radon_recon": "reconstruction", "assisted": "assisted reconstruction"}[experiment]
     for model, runs in (("cnn", cnn), ("scnn", scnn)):
         table.add(f"{experiment}_time_{model}", section,
                   f"{label}: {model.upper()} takes {paper[model]:g} s for {epochs} epochs", paper[model], "s",
                   [r.wall_time_s[-1] for r in runs], f"GPU and at most x{TIME_TOLERANCE:g} the paper's",
                   _at_most(TIME_TOLERANCE, paper[model]),
-                  _join(not_comparable, scale_reason(runs, epochs), device_reason(runs)), ctr_ps)
+                  _join(not_comparable, scale_reason(runs, epochs), device_reason(runs)), ctr_ps,
+                  not_comparable2=hardware_reason(runs))
     pairs = _pairs(scnn, cnn)
+    values = [s.wall_time_s[-1] / c.wall_time_s[-1] for s, c in pairs]
+    reason2 = contention_reason(list(scnn) + list(cnn))
+    if table.rules == 2 and experiment == "assisted":
+        # rules 2: the ratio of the per-epoch times measured alone on the device (one number)
+        alone = [table.alone_s_per_epoch.get((method, ctr_ps, m)) for m in ("scnn", "cnn")]
+        values = [alone[0] / alone[1]] if all(alone) else []
+        reason2 = None if all(alone) else ("contention: no per-epoch time of this method measured alone on the "
+                                           "device for this CTR (bench_assisted.py --runs, single path)")
     table.add(f"{experiment}_time_ratio_scnn_cnn", section,
               f"{label}: SCNN and CNN take similar time ({paper['scnn']:g} s vs {paper['cnn']:g} s)",
-              paper["scnn"] / paper["cnn"], "ratio", [s.wall_time_s[-1] / c.wall_time_s[-1] for s, c in pairs],
+              paper["scnn"] / paper["cnn"], "ratio", values,
               "GPU and per seed pair SCNN / CNN time at most x2 the paper's ratio",
               _at_most(2.0, paper["scnn"] / paper["cnn"]),
               _join(not_comparable, scale_reason(list(scnn) + list(cnn), epochs),
-                    device_reason(list(scnn) + list(cnn))), ctr_ps)
+                    device_reason(list(scnn) + list(cnn))), ctr_ps,
+              rule2="GPU; SCNN / CNN time per epoch measured alone on the device at most x2 the paper's ratio",
+              not_comparable2=reason2, min_seeds=1 if table.rules == 2 and experiment == "assisted" else MIN_SEEDS)
 
 
 def brain_claims(table: ClaimTable, runs: Sequence[Run], window: int, metrics: pd.DataFrame | None = None) -> None:
@@ -382,6 +455,9 @@ def brain_claims(table: ClaimTable, runs: Sequence[Run], window: int, metrics: p
     metrics = pd.DataFrame() if metrics is None else metrics
     brain = [r for r in runs if r.experiment in ("denoise", "radon_recon")]
     plain = [r for r in brain if r.stage is None]
+    paper_grid = [r for r in brain if r.stage == "grid" and r.configuration in ("scnn_paper", "cnn_paper")]
+    if not plain and {r.configuration for r in paper_grid} == {"scnn_paper", "cnn_paper"}:
+        plain = paper_grid   # the paper configuration's runs of the ablation grid (preregistration_2.md section 4)
     confirm = [r for r in brain if r.stage == "confirm"]
     grid = [r for r in brain if r.stage == "grid"]
     by = lambda rs, model: [r for r in rs if r.model == model]  # noqa: E731
@@ -509,9 +585,9 @@ def assisted_claims(table: ClaimTable, runs: Sequence[Run], metrics: pd.DataFram
             table.add("assisted_scnn_plateau_time", "IV", "assisted: SCNN converges in 15 s", 15.0, "s",
                       [r.wall_time_s[plateau_epoch(r.losses, window, tolerance) - 1] for r in scnn],
                       f"GPU and at most x{TIME_TOLERANCE:g} the paper's", _at_most(TIME_TOLERANCE, 15.0),
-                      _join(other, scale, device_reason(scnn)), ctr)
+                      _join(other, scale, device_reason(scnn)), ctr, not_comparable2=hardware_reason(scnn))
             _time_claims(table, "assisted", "IV", scnn, cnn, {"cnn": 821.0, "scnn": 870.0}, PAPER_EPOCHS["assisted"],
-                         ctr, not_comparable=other)
+                         ctr, not_comparable=other, method=method)
         table.context = {}
         its = mlem_iteration_s.get(ctr, [])
         table.add("assisted_mlem_iteration_time", "IV", "list-mode MLEM takes ~2112 s per iteration", 2112.0, "s",
@@ -519,13 +595,15 @@ def assisted_claims(table: ClaimTable, runs: Sequence[Run], metrics: pd.DataFram
                   None if its and mlem_iteration_s.get(("device", ctr), "").startswith("cuda")
                   else f"device: MLEM ran on {mlem_iteration_s.get(('device', ctr), 'unknown')}; "
                        f"the paper's time is from an {PAPER_DEVICE} (and the quick config reconstructs fewer events)",
-                  ctr)
+                  ctr, not_comparable2=f"hardware: absolute times are judged only on the paper's {PAPER_DEVICE}")
 
 
 def paper_claims(metrics: pd.DataFrame, runs: Sequence[Run], plateau_cfg: Mapping[str, Any],
-                 mlem_timings: Sequence[Path] = ()) -> pd.DataFrame:
-    """The claims table (module doc) from the tidy metrics, the runs and the MLEM timing files."""
-    table = ClaimTable()
+                 mlem_timings: Sequence[Path] = (), rules: int = 1,
+                 alone_s_per_epoch: Mapping[tuple, float] | None = None) -> pd.DataFrame:
+    """The claims table (module doc) from the tidy metrics, the runs and the MLEM timing files,
+    by the first (``rules=1``) or second (``rules=2``) pre-registration."""
+    table = ClaimTable(rules, alone_s_per_epoch)
     window, tol = int(plateau_cfg["window"]), float(plateau_cfg["tolerance"])
     brain_claims(table, runs, window, metrics)
     mlem: dict[Any, Any] = {}
@@ -536,6 +614,22 @@ def paper_claims(metrics: pd.DataFrame, runs: Sequence[Run], plateau_cfg: Mappin
         mlem[("device", ctr)] = str(t.get("device", "?"))
     assisted_claims(table, runs, metrics, window, tol, mlem)
     return table.frame()
+
+
+def alone_times(benches: Sequence[tuple[str, str]]) -> dict[tuple, float]:
+    """``(method, ctr_ps, model) -> s per epoch`` from the single-path rows of ``bench_assisted.py --runs``
+    tables, each given with the CTR of the slice it was measured on."""
+    out: dict[tuple, float] = {}
+    for ctr, path in benches:
+        try:
+            df = pd.read_csv(path)
+            single = df[df["path"] == "single"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputDataError(f"cannot read a bench_assisted.py --runs table ({exc})", where=str(path),
+                                 fix="pass the CSV that bench_assisted.py --runs --out wrote") from exc
+        for row in single.itertuples():
+            out[(str(row.method), float(ctr), str(row.model))] = float(row.ms_per_run_epoch) / 1e3
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -551,11 +645,17 @@ def _main(argv: Sequence[str] | None) -> None:
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="run directories (loss.csv, timing.json)")
     p.add_argument("--mlem-timing", type=Path, nargs="*", default=[], help="results/recon/ctr*/timing.json")
     p.add_argument("--out", type=Path, required=True, help="paper_claims.csv")
+    p.add_argument("--rules", type=int, choices=[1, 2], default=1,
+                   help="1: config/preregistration.md (default); 2: config/preregistration_2.md")
+    p.add_argument("--bench", nargs=2, action="append", default=[], metavar=("CTR_PS", "CSV"),
+                   help="rules 2: a bench_assisted.py --runs table measured on this CTR's slice (its single-path "
+                        "rows are the per-epoch times measured alone on the device); repeat for other CTRs")
     args = p.parse_args(argv)
     cli.setup_logging(args.log)
     cfg = cli.settings_from_args(args)
     metrics = pd.concat([pd.read_csv(f) for f in args.metrics], ignore_index=True)
-    table = paper_claims(metrics, [load_run(d) for d in args.runs], cfg["assisted"]["plateau"], args.mlem_timing)
+    table = paper_claims(metrics, [load_run(d) for d in args.runs], cfg["assisted"]["plateau"], args.mlem_timing,
+                         rules=args.rules, alone_s_per_epoch=alone_times(args.bench))
     with atomic_path(args.out) as tmp:
         table.to_csv(tmp, index=False)
     log.info("claims:\n%s", table[["claim_id", "ctr_ps", "measured_mean", "verdict"]].to_string(index=False))
