@@ -138,6 +138,7 @@ def test_randoms_additive_term_is_the_density_over_n_e(tmp_path):
 
     from equipet.reconstruction.listmode import read_listmode
     from equipet.reconstruction.mlem import ImageGeometry, prompt_corrections
+    from equipet.reconstruction.system import SystemModel
     from equipet.reconstruction.normalisation import Normalisation, n_classes
 
     acq_cfg = {"duration_s": 0.5, "n_jobs": 1, "seed": 5}
@@ -154,9 +155,9 @@ def test_randoms_additive_term_is_the_density_over_n_e(tmp_path):
     per_layer = n_classes(SMALL, angle_bins) // SMALL.doi_layers     # classes are layer-major
     efficiency = Normalisation(np.repeat(layer_h, per_layer), angle_bins)
     geom = ImageGeometry.from_fov((40.0, 40.0, 8.0), 2.0)
-    additive, _ = prompt_corrections(["randoms"], {"acquisition": acq_cfg}, SMALL, mlem,
-                                     schema_defaults("phantom"), root, ev, prompts_el, geom,
-                                     torch.ones(geom.shape), 200.0, torch.device("cpu"), None, efficiency)
+    model = SystemModel(SMALL, mlem, schema_defaults("phantom"), acq_cfg, geom, torch.device("cpu"), 200.0,
+                        efficiency=efficiency, sensitivity=torch.ones(geom.shape))
+    additive, _ = prompt_corrections(model, ["randoms"], root, ev, prompts_el)
     from equipet.simulation.gate_root import read_coincidences, read_singles_counts
 
     d = read_coincidences(root, ["layerID1", "layerID2"])

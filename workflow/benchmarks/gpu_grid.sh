@@ -17,7 +17,10 @@
 #   OUT_DIR/loss_ctr<CTR>.tar.xz (each run's loss.csv), OUT_DIR/assisted_runs.tar.gz (every run's
 #   metrics.csv, timing.json, summary.json, eval.npz and the logs) and
 #   OUT_DIR/assisted_checkpoints.tar.gz (the checkpoints of runs that did not finish).
-# $RESULTS (default /tmp/equipet_gpu) holds the runs; rerunning resumes them from their checkpoints.
+# $RESULTS (default /tmp/equipet_gpu) holds the runs; rerunning resumes them from their checkpoints,
+# and PACKED_DIR/checkpoints.tar.gz* (parts of a tar.gz of an earlier pass's assisted/ctr*/*/*/seed*/
+# checkpoint.pt and snapshots/, relative to $RESULTS) are restored first, so that a pass that ran
+# out of device time continues on another machine.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 MODE="$1"; OUT="$2"; PACKED="$3"; shift 3
@@ -44,6 +47,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 "$PY" -c "import torch, escnn, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__)" \
     2>&1 | tee -a "$RESULTS/logs/gpu.txt"
 
+if ls "$PACKED"/checkpoints.tar.gz* >/dev/null 2>&1 && [ ! -f "$RESULTS/.checkpoints_restored" ]; then
+    log "restore the checkpoints of an earlier pass ($PACKED/checkpoints.tar.gz*)"
+    cat "$PACKED"/checkpoints.tar.gz* | tar xzf - -C "$RESULTS" && touch "$RESULTS/.checkpoints_restored"
+fi
 for ctr in "${CTRS[@]}"; do
     dir="$RESULTS/assisted/ctr$ctr"
     mkdir -p "$dir"

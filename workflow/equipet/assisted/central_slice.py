@@ -147,16 +147,15 @@ def sample_slice_lors(scanner: Any, geometry2d: ImageGeometry, n_lors: int, tof_
 
 
 def attenuation_factors(cfg: Mapping[str, Any], p1: np.ndarray, p2: np.ndarray, chunk_size: int) -> np.ndarray:
-    """``eta = exp(-int mu)`` along each LOR through the phantom's mu-map (ones without ``mlem.attenuation``)."""
-    if not cfg["mlem"]["attenuation"]:
-        return np.ones(len(p1), np.float32)
-    from equipet.reconstruction.mlem import phantom_mu_map
+    """``eta = exp(-int mu)`` along each LOR through the phantom's mu-map (ones without ``mlem.attenuation``):
+    :meth:`equipet.reconstruction.system.SystemModel.attenuation` on the CPU."""
+    from equipet.reconstruction.system import SystemModel
 
-    mu, mu_geom = phantom_mu_map(cfg["phantom"], cfg["mlem"]["voxel_size_mm"])
-    proj = ListmodeTOFProjector(mu_geom, torch.as_tensor(p1, dtype=torch.float32),
-                                torch.as_tensor(p2, dtype=torch.float32), chunk_size=chunk_size)
+    model = SystemModel.from_config(cfg, torch.device("cpu"), with_efficiency=False)
+    model.mlem["chunk_events"] = chunk_size
     with torch.no_grad():
-        return torch.exp(-proj.apply(torch.as_tensor(mu, dtype=torch.float32))).numpy().astype(np.float32)
+        eta = model.attenuation(torch.as_tensor(p1, dtype=torch.float32), torch.as_tensor(p2, dtype=torch.float32))
+    return eta.numpy().astype(np.float32)
 
 
 def _iteration_files(mlem_dir: Path) -> dict[int, Path]:
@@ -190,13 +189,14 @@ def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path
     """
     from equipet.reconstruction.corrections import check_corrections
     from equipet.reconstruction.listmode import read_listmode
-    from equipet.reconstruction.mlem import chunk_events, load_additive, sensitivity_doi_sigma_mm, tof_kernel_fwhm_mm
-    from equipet.reconstruction.geometry import image_geometry
+    from equipet.reconstruction.mlem import load_additive
+    from equipet.reconstruction.system import SystemModel, sensitivity_doi_sigma_mm
     from equipet.simulation.phantom import hot_rod_phantom
-    from equipet.simulation.scanner import Scanner
 
     sec, mlem = cfg["assisted"], cfg["mlem"]
-    geom = image_geometry(mlem)
+    model = SystemModel.from_config(cfg, torch.device("cpu"), ctr_ps, with_efficiency=False)
+    model.doi_sigma_mm = sensitivity_doi_sigma_mm(sensitivity_path)
+    geom = model.geometry
     k0, k1 = slab_range(geom.shape[2], sec["slice_index"], sec["slice_voxels"])
     g2 = slice_geometry(geom, k0, k1)
     files = _iteration_files(mlem_dir)
@@ -214,7 +214,7 @@ def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path
     sens3d = _load_nifti(sensitivity_path, geom.shape)
     sensitivity = sens3d[:, :, k0:k1].sum(axis=2).astype(np.float32)
 
-    scanner = Scanner.from_config(cfg["scanner"])
+    scanner = model.scanner
     window = tuple(mlem["energy_window_kev"]) if mlem.get("energy_window_kev") else None
     ev = read_listmode(coincidences, scanner, mlem["events"], mlem["lor_endpoints"], window, mlem["read_step_size"])
     n_total = len(ev)
@@ -228,10 +228,9 @@ def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path
     index = np.arange(n_total)   # read-order index of each kept event, through every selection below
     crossing = lors_crossing(ev.p1_mm, ev.p2_mm, g2)
     ev, index = ev.subset(crossing), index[crossing]
-    doi_sigma = sensitivity_doi_sigma_mm(sensitivity_path)
-    fwhm = tof_kernel_fwhm_mm(ctr_ps, scanner, mlem, doi_sigma) if mlem["tof"] else None
+    fwhm = model.tof_fwhm_mm
     tof = ev.tof_mm if mlem["tof"] else None
-    chunk = chunk_events(mlem, torch.device("cpu"))
+    chunk = model.chunk
     # events whose single-slice projection of a uniform image vanishes do not depend on the slice
     proj = ListmodeTOFProjector(g2, *(torch.as_tensor(a) for a in (ev.p1_mm, ev.p2_mm)),
                                 None if tof is None else torch.as_tensor(tof), fwhm,
@@ -399,7 +398,7 @@ def _main(argv: Sequence[str] | None) -> None:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     if args.system_out is not None:
         from equipet.device import select_device
-        from equipet.reconstruction.mlem import chunk_events
+        from equipet.reconstruction.system import chunk_events
 
         device = select_device(cfg["device"])
         system = slice_system_matrix(data, device, chunk_events(cfg["mlem"], device))

@@ -85,68 +85,18 @@ from equipet.reconstruction.projector import ImageGeometry, ListmodeTOFProjector
 from equipet.reconstruction.geometry import (box_with_halo, candidate_rsector_offsets, image_geometry, key_hash,
                                              lor_hits_box, sample_pairs)
 from equipet.reconstruction.stage import stage_setup
+from equipet.reconstruction.system import (CPU_CHUNK_EVENTS, GPU_CHUNK_EVENTS, SystemModel,  # noqa: F401 (re-exported)
+                                           chunk_events, event_attenuation, event_eta, load_sensitivity,
+                                           phantom_mu_map, sensitivity_doi_sigma_mm, sensitivity_key,
+                                           sidecar, tof_kernel_fwhm_mm)
 from equipet.simulation.scanner import Scanner
 
 log = logging.getLogger("equipet.reconstruction.mlem")
 
-CPU_CHUNK_EVENTS = 16384
-GPU_CHUNK_EVENTS = 1 << 20
-
-
-def tof_kernel_fwhm_mm(ctr_ps: float, scanner: Scanner, mlem: Mapping[str, Any],
-                       doi_sigma_mm: float | None = None) -> float:
-    r"""FWHM (mm) of the TOF kernel along the LOR: the CTR's, widened by the depth of interaction.
-
-    With ``lor_endpoints: crystal`` an LOR ends at the centre of its DOI layer while the time
-    runs to the first interaction, at some depth (and, after inter-crystal scatter, maybe in
-    another crystal). The TOF offset is then off by a DOI error of standard deviation
-    ``sigma_DOI``, added in quadrature (``mlem.tof_doi: true``):
-
-    .. math:: \mathrm{FWHM}_{eff}^2 = (c\,\mathrm{CTR}/2)^2 + 8 \ln 2 \; \sigma_{DOI}^2 .
-
-    ``doi_sigma_mm`` is the one measured on the perfect-timing blank scan
-    (:mod:`equipet.reconstruction.normalisation`, 2.64 mm for the default scanner: 7.49 -> 9.74 mm FWHM at
-    50 ps). Without it, depths uniform within each layer of thickness ``d``, independent at both
-    ends, give ``sigma_DOI^2 = d^2 / 24`` (2.04 mm for 10 mm layers), which leaves out
-    inter-crystal scatter and is about 9% too narrow at 50 ps on the simulated data. With
-    ``lor_endpoints: global`` (exact interaction points) or ``tof_doi: false`` the CTR's FWHM.
-    """
-    fwhm = tof_fwhm_mm(ctr_ps)
-    if not mlem.get("tof_doi", False) or mlem.get("lor_endpoints", "crystal") != "crystal":
-        return fwhm
-    sigma = doi_sigma_mm if doi_sigma_mm is not None else scanner.layer_thickness_mm / math.sqrt(24.0)
-    return math.sqrt(fwhm * fwhm + 8.0 * math.log(2.0) * sigma * sigma)
-
-
-def sensitivity_doi_sigma_mm(sensitivity_path: str | Path) -> float | None:
-    """The blank scan's DOI timing spread recorded in a sensitivity image's sidecar (None if absent)."""
-    side = _sidecar(Path(sensitivity_path))
-    if not side.exists():
-        return None
-    value = json.loads(side.read_text()).get("doi_tof_sigma_mm")
-    return None if value is None else float(value)
-
-
-def chunk_events(mlem: Mapping[str, Any], device: torch.device) -> int:
-    """Events per projector chunk: the configured value, or a device default (the one device branch)."""
-    if mlem.get("chunk_events"):
-        return int(mlem["chunk_events"])
-    return GPU_CHUNK_EVENTS if device.type == "cuda" else CPU_CHUNK_EVENTS
 
 
 # ---------------------------------------------------------------------------------------
 # sensitivity
-def sensitivity_key(scanner: Mapping[str, Any], phantom: Mapping[str, Any], mlem: Mapping[str, Any]) -> dict:
-    """Everything the sensitivity image depends on (its cache key)."""
-    keep = ("voxel_size_mm", "fov_mm", "attenuation", "sensitivity_lors", "sensitivity_batches",
-            "sensitivity_seed", "sensitivity_symmetrise")
-    ph = {k: phantom[k] for k in ("diameter_mm", "length_mm", "material", "mu_water_per_mm")
-          if k in phantom} if mlem["attenuation"] else {}
-    key = {"scanner": dict(scanner), "phantom_mu": ph, "mlem": {k: mlem[k] for k in keep}}
-    norm = mlem.get("normalisation") or {}
-    if norm.get("enabled"):
-        key["normalisation"] = dict(norm)
-    return key
 
 
 def symmetry_ops(scanner: Scanner, geometry: ImageGeometry) -> list[Callable[[torch.Tensor], torch.Tensor]]:
@@ -262,16 +212,6 @@ def sensitivity_image(scanner: Scanner, geometry: ImageGeometry, n_lors: int,
     return sens.cpu().numpy().astype(np.float32), info
 
 
-def phantom_mu_map(phantom_cfg: Mapping[str, Any], voxel_size_mm: float) -> tuple[np.ndarray, ImageGeometry]:
-    """The phantom's mu-map (1/mm) on a centred grid covering the whole water cylinder."""
-    from equipet.simulation.phantom import hot_rod_phantom
-
-    ph = hot_rod_phantom(phantom_cfg)
-    shape = ph.default_shape(voxel_size_mm)
-    maps = ph.voxelise(voxel_size_mm, shape=shape)
-    return maps.mu_per_mm, ImageGeometry.centred(shape, voxel_size_mm)
-
-
 def save_nifti(image: np.ndarray, geometry: ImageGeometry, path: str | Path) -> None:
     """Write ``image`` as float32 NIfTI with the grid's affine (mm), atomically."""
     import nibabel as nib
@@ -280,35 +220,6 @@ def save_nifti(image: np.ndarray, geometry: ImageGeometry, path: str | Path) -> 
     img.header.set_xyzt_units("mm")
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
-
-
-def load_sensitivity(path: str | Path, geometry: ImageGeometry, key: Mapping[str, Any] | None = None) -> np.ndarray:
-    """Read a sensitivity NIfTI, checking its grid and (when given) its settings key."""
-    import nibabel as nib
-
-    path = Path(path)
-    if not path.exists():
-        raise InputDataError("sensitivity image not found", where=str(path),
-                             fix="run equipet-sensitivity (snakemake rule sensitivity) first")
-    data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
-    if data.shape != geometry.shape:
-        raise InputDataError(f"sensitivity grid {data.shape} differs from the image grid {geometry.shape}",
-                             where=str(path), fix="recompute it with the current mlem.fov_mm / voxel_size_mm")
-    if key is not None:
-        side = _sidecar(path)
-        stored = json.loads(side.read_text()).get("key_hash") if side.exists() else None
-        if stored != key_hash(key):
-            raise InputDataError("sensitivity image was computed for other settings (scanner, phantom or mlem)",
-                                 where=str(path), fix="delete it and rerun equipet-sensitivity")
-    return data
-
-
-def _sidecar(path: Path) -> Path:
-    name = path.name
-    for suf in (".nii.gz", ".nii"):
-        if name.endswith(suf):
-            name = name[: -len(suf)]
-    return path.with_name(name + ".json")
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,31 +284,6 @@ def listmode_mlem(events_p1: torch.Tensor, events_p2: torch.Tensor, tof_mm: torc
     return x
 
 
-def event_attenuation(p1: torch.Tensor, p2: torch.Tensor, phantom: Mapping[str, Any], voxel_size_mm: float,
-                      chunk_size: int) -> torch.Tensor:
-    """``eta_e = exp(-int mu)`` along each event's LOR through the phantom's mu-map."""
-    mu, mu_geom = phantom_mu_map(phantom, voxel_size_mm)
-    att = ListmodeTOFProjector(mu_geom, p1, p2, chunk_size=chunk_size)
-    return torch.exp(-att.apply(torch.as_tensor(mu, dtype=p1.dtype, device=p1.device)))
-
-
-def event_eta(ev: Any, p1: torch.Tensor, p2: torch.Tensor, scanner: Scanner, mlem: Mapping[str, Any],
-              phantom: Mapping[str, Any], efficiency: Any) -> torch.Tensor:
-    """``eta_e = n_e exp(-int mu)`` of each event: crystal-pair efficiency times attenuation.
-
-    ``p1``, ``p2`` are the events' LOR ends as tensors (``ev.to_torch``, on the device used). ``n_e`` comes from ``efficiency`` (:meth:`equipet.reconstruction.normalisation.Normalisation.pair_efficiency`
-    of the event's elements and LOR ends; 1 when ``None``), the attenuation from the phantom's
-    mu-map when ``mlem.attenuation`` (1 otherwise). The same factors weight the sensitivity image.
-    """
-    device = p1.device
-    eta = (event_attenuation(p1, p2, phantom, mlem["voxel_size_mm"], chunk_events(mlem, device))
-           if mlem["attenuation"] else torch.ones(len(ev), device=device))
-    if efficiency is not None:
-        n_e = efficiency.pair_efficiency(scanner, ev.element1, ev.element2, ev.p1_mm, ev.p2_mm)
-        eta = eta * torch.as_tensor(n_e, dtype=eta.dtype, device=device)
-    return eta
-
-
 ADDITIVE_FILE = "additive.npz"
 
 
@@ -434,17 +320,15 @@ def load_additive(path: Path, n_read: int, tof_sum: float) -> np.ndarray:
     return additive
 
 
-def prompt_corrections(corrections: Sequence[str], cfg: Mapping[str, Any], scanner: Scanner, mlem: Mapping[str, Any],
-                       phantom: Mapping[str, Any], coincidences: Path, ev: Any, prompts_el: np.ndarray,
-                       geom: ImageGeometry, sens: torch.Tensor, ctr_ps: float,
-                       device: torch.device, doi_sigma_mm: float | None = None,
-                       efficiency: Any = None) -> tuple[torch.Tensor, dict]:
+def prompt_corrections(model: SystemModel, corrections: Sequence[str], coincidences: Path, ev: Any,
+                       prompts_el: np.ndarray) -> tuple[torch.Tensor, dict]:
     """The per-event additive term ``b_e = (r_e + s_e) / eta_e`` (:mod:`equipet.reconstruction.corrections`).
 
     ``eta_e = n_e exp(-int mu)`` is the factor the model puts on ``(A x)_e`` (module docstring):
-    the crystal-pair efficiency ``n_e`` of ``efficiency`` (a
-    :class:`equipet.reconstruction.normalisation.Normalisation`, the one the sensitivity image was weighted
-    with; ``None`` = 1) times the LOR's attenuation (:func:`event_eta`).
+    the crystal-pair efficiency ``n_e`` of the model's blank-scan normalisation (the one the
+    sensitivity image was weighted with; none = 1) times the LOR's attenuation
+    (:meth:`SystemModel.event_eta`). ``model`` is the stage's :class:`SystemModel` (with its
+    CTR, sensitivity image and DOI spread).
     ``ev`` holds the events crossing the image box (with element indices), ``prompts_el``
     the prompts per element of the whole file. Scatter is estimated ``scatter.rounds`` times,
     each time from an MLEM image of ``scatter.estimate_iterations`` iterations reconstructed
@@ -455,14 +339,15 @@ def prompt_corrections(corrections: Sequence[str], cfg: Mapping[str, Any], scann
     from equipet.simulation.montecarlo import AcquisitionSettings
     from equipet.simulation.phantom import hot_rod_phantom
 
-    acq_cfg = dict(cfg.get("acquisition") or {})
-    acq = AcquisitionSettings.from_config(acq_cfg)
+    scanner, mlem, phantom, geom, device = model.scanner, model.mlem, model.phantom, model.geometry, model.device
+    sens, ctr_ps = model.sensitivity, model.ctr_ps
+    acq = AcquisitionSettings.from_config(model.acquisition)
     chunk = chunk_events(mlem, device)
     if not mlem["tof"]:
         raise ConfigError("randoms and scatter corrections need TOF events (densities per mm of TOF offset)",
                           where="mlem.tof", fix="set mlem.tof: true, or mlem.corrections: []")
     p1, p2, tof = ev.to_torch(device)
-    eta = event_eta(ev, p1, p2, scanner, mlem, phantom, efficiency)
+    eta = model.event_eta(ev, p1, p2)
     info: dict[str, Any] = {}
     randoms_model = None
     r = np.zeros(len(ev))
@@ -487,7 +372,7 @@ def prompt_corrections(corrections: Sequence[str], cfg: Mapping[str, Any], scann
         ph = hot_rod_phantom(phantom)
         lo, hi = box_with_halo(geom)
         s_max = float(np.linalg.norm(np.maximum(np.abs(lo[:2]), np.abs(hi[:2]))))
-        fwhm = tof_kernel_fwhm_mm(ctr_ps, scanner, mlem, doi_sigma_mm)
+        fwhm = model.tof_fwhm_mm
         bins = ScatterBins.make(scanner, s_max, ph.diameter_mm / 2, fwhm if mlem["tof"] else None,
                                 sc["theta_bins"], sc["s_bins"], sc["dz_bins"], sc["tof_bin_mm"])
         measure, randoms_in_box = pair_measure(scanner, geom, bins, sc["lor_pairs"], sc["seed"], randoms_model,
@@ -511,19 +396,6 @@ def prompt_corrections(corrections: Sequence[str], cfg: Mapping[str, Any], scann
 # command-line entry points
 
 
-def _efficiency(path: Path | None, cfg: Mapping[str, Any], mlem: Mapping[str, Any], stage: str) -> Any:
-    """The blank-scan normalisation when ``mlem.normalisation.enabled`` (``None`` otherwise), refusing
-    a missing file or one computed for other settings."""
-    if not (mlem.get("normalisation") or {}).get("enabled"):
-        return None
-    from equipet.reconstruction.normalisation import blank_radius_mm, load_normalisation, normalisation_key
-
-    if path is None:
-        raise ConfigError(f"mlem.normalisation.enabled needs the blank-scan normalisation in {stage}",
-                          where="--normalisation", fix="run equipet-normalisation and pass its JSON")
-    return load_normalisation(path, normalisation_key(cfg["scanner"], mlem, blank_radius_mm(mlem)))
-
-
 def sensitivity_main(argv: Sequence[str] | None = None) -> None:
     """``equipet-sensitivity``: the attenuation-corrected sensitivity image (NIfTI + JSON sidecar)."""
     from equipet.cli import run
@@ -534,18 +406,19 @@ def sensitivity_main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--normalisation", type=Path, default=None,
                        help="from equipet-normalisation; required when mlem.normalisation.enabled")
         args, cfg, scanner, mlem, phantom, device = stage_setup(p, argv)
-        geom = image_geometry(mlem)
-        efficiency = _efficiency(args.normalisation, cfg, mlem, "equipet-sensitivity")
-        mu, mu_geom = (phantom_mu_map(phantom, mlem["voxel_size_mm"]) if mlem["attenuation"] else (None, None))
+        model = SystemModel.from_config(cfg, device, normalisation_path=args.normalisation,
+                                        stage="equipet-sensitivity")
+        geom, efficiency = model.geometry, model.efficiency
+        mu, mu_geom = model.mu_map() if mlem["attenuation"] else (None, None)
         sens, info = sensitivity_image(scanner, geom, mlem["sensitivity_lors"], mu, mu_geom,
                                        mlem["sensitivity_batches"], mlem["sensitivity_seed"], device,
-                                       chunk_events(mlem, device), symmetrise=mlem["sensitivity_symmetrise"],
+                                       model.chunk, symmetrise=mlem["sensitivity_symmetrise"],
                                        efficiency=efficiency)
         key = sensitivity_key(cfg["scanner"], phantom, mlem)
         if efficiency is not None:
             info["doi_tof_sigma_mm"] = efficiency.doi_tof_sigma_mm
         save_nifti(sens, geom, args.out)
-        with atomic_path(_sidecar(args.out)) as tmp:
+        with atomic_path(sidecar(args.out)) as tmp:
             tmp.write_text(json.dumps({"key": key, "key_hash": key_hash(key), "device": str(device),
                                        "shape": list(geom.shape), **info}, indent=2, default=str))
 
@@ -567,14 +440,13 @@ def mlem_main(argv: Sequence[str] | None = None) -> None:
                        help="from equipet-normalisation; required with mlem.corrections when "
                             "mlem.normalisation.enabled (the additive term is divided by n_e)")
         args, cfg, scanner, mlem, phantom, device = stage_setup(p, argv)
-        geom = image_geometry(mlem)
-        sens = load_sensitivity(args.sensitivity, geom, sensitivity_key(cfg["scanner"], phantom, mlem))
-        doi_sigma = sensitivity_doi_sigma_mm(args.sensitivity)
-        fwhm = tof_kernel_fwhm_mm(args.ctr_ps, scanner, mlem, doi_sigma)
+        corrections = check_corrections(mlem.get("corrections") or [], mlem["events"])
+        model = SystemModel.from_config(cfg, device, args.ctr_ps, args.sensitivity, args.normalisation,
+                                        with_efficiency=bool(corrections), stage="equipet-mlem")
+        geom, sens = model.geometry, model.sensitivity
+        fwhm = tof_kernel_fwhm_mm(args.ctr_ps, scanner, mlem, model.doi_sigma_mm)
         t0 = time.perf_counter()
         window = tuple(mlem["energy_window_kev"]) if mlem.get("energy_window_kev") else None
-        corrections = check_corrections(mlem.get("corrections") or [], mlem["events"])
-        efficiency = _efficiency(args.normalisation, cfg, mlem, "equipet-mlem") if corrections else None
         ev = read_listmode(args.coincidences, scanner, mlem["events"], mlem["lor_endpoints"], window,
                            mlem["read_step_size"], progress=True, elements=bool(corrections))
         t_read = time.perf_counter() - t0
@@ -590,9 +462,7 @@ def mlem_main(argv: Sequence[str] | None = None) -> None:
         p1, p2, tof = ev.to_torch(device)
         additive, corr_info = None, {}
         if corrections:
-            additive, corr_info = prompt_corrections(
-                corrections, cfg, scanner, mlem, phantom, args.coincidences, ev, prompts_el, geom,
-                torch.as_tensor(sens, device=device), args.ctr_ps, device, doi_sigma, efficiency)
+            additive, corr_info = prompt_corrections(model, corrections, args.coincidences, ev, prompts_el)
         timing: dict[str, Any] = {"device": str(device), "events": len(ev), "read_s": t_read,
                                   "ctr_ps": args.ctr_ps, "tof": mlem["tof"],
                                   "tof_kernel_fwhm_mm": fwhm,
@@ -605,7 +475,7 @@ def mlem_main(argv: Sequence[str] | None = None) -> None:
             save_nifti(x.cpu().numpy(), geom, args.out_dir / f"mlem_it{it}.nii.gz")
             log.info("iteration %d: %.2f s (%.3g events/s fwd+back)", it, dt, len(ev) / max(dt, 1e-9))
 
-        listmode_mlem(p1, p2, tof if mlem["tof"] else None, torch.as_tensor(sens, device=device), geom,
+        listmode_mlem(p1, p2, tof if mlem["tof"] else None, sens, geom,
                       mlem["iterations"], mlem["subsets"], fwhm,
                       mlem["tof_truncation_sigma"], mlem["min_sensitivity_fraction"],
                       chunk_events(mlem, device), mlem["system_cache_mb"], callback=save, additive=additive)

@@ -224,19 +224,17 @@ def psf_main(argv: Sequence[str] | None = None) -> None:
     def _main(argv: Sequence[str] | None) -> None:
         from equipet.files import atomic_path
         from equipet.reconstruction.stage import stage_setup
-        from equipet.reconstruction.geometry import image_geometry
-        from equipet.reconstruction.mlem import load_sensitivity, sensitivity_doi_sigma_mm, sensitivity_key, tof_kernel_fwhm_mm
+        from equipet.reconstruction.system import SystemModel, tof_kernel_fwhm_mm
 
         p = argparse.ArgumentParser(prog="equipet-psf", description=psf_main.__doc__)
         p.add_argument("--sensitivity", type=Path, required=True, help="from equipet-sensitivity")
         p.add_argument("--ctr-ps", type=float, required=True, help="coincidence time resolution, ps FWHM")
         p.add_argument("--out", type=Path, required=True, help="psf.json")
         args, cfg, scanner, mlem, phantom, device = stage_setup(p, argv)
-        geom = image_geometry(mlem)
-        sens = load_sensitivity(args.sensitivity, geom, sensitivity_key(cfg["scanner"], phantom, mlem))
-        fwhm = tof_kernel_fwhm_mm(args.ctr_ps, scanner, mlem, sensitivity_doi_sigma_mm(args.sensitivity))
-        psf = measure_psf(scanner, phantom, cfg.get("acquisition") or {}, mlem, torch.as_tensor(sens, device=device),
-                          geom, args.ctr_ps, fwhm, device)
+        model = SystemModel.from_config(cfg, device, args.ctr_ps, args.sensitivity, with_efficiency=False)
+        fwhm = tof_kernel_fwhm_mm(args.ctr_ps, scanner, mlem, model.doi_sigma_mm)
+        psf = measure_psf(scanner, phantom, model.acquisition, mlem, model.sensitivity, model.geometry, args.ctr_ps,
+                          fwhm, device)
         with atomic_path(args.out) as tmp:
             tmp.write_text(json.dumps(psf, indent=2))
 

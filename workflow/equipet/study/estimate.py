@@ -374,7 +374,8 @@ def _projection_costs(cfg: Mapping[str, Any], device: torch.device, costs: Costs
 
 def calibrate(cfg: Mapping[str, Any], device: torch.device, jobs: Sequence[Job]) -> Costs:
     """Measure on ``device`` the costs the ``jobs`` need (module doc); about 10-30 s."""
-    from equipet.reconstruction.mlem import chunk_events, phantom_mu_map, sensitivity_image
+    from equipet.reconstruction.mlem import sensitivity_image
+    from equipet.reconstruction.system import chunk_events, phantom_mu_map
     from equipet.reconstruction.geometry import image_geometry
     from equipet.networks.nets import build_model
     from equipet.simulation.scanner import Scanner
