@@ -14,9 +14,10 @@ import torch
 from equipet.config import validate
 from equipet.simulation.gate_root import CoincidenceWriter
 from equipet.reconstruction.listmode import simulate_true_events
-from equipet.reconstruction.mlem import mlem_main, save_nifti, sensitivity_main
+from equipet.reconstruction.mlem import save_nifti
+from equipet.commands.reconstruction.mlem import mlem_main, sensitivity_main
 from equipet.reconstruction.projector import ImageGeometry
-from equipet.reconstruction.recon_metrics import main as metrics_main
+from equipet.commands.reconstruction.recon_metrics import main as metrics_main
 from equipet.simulation.scanner import Scanner
 
 SMALL = Scanner(rings=2, modules_per_ring=24, pixels_transaxial=8, pixels_axial=4, pixel_size_mm=2.1,

@@ -92,7 +92,7 @@ def test_later_files_override_earlier(tmp_path):
 def test_cli_exits_2_with_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("seeds: []\n")
-    proc = subprocess.run([sys.executable, "-c", "from equipet.cli import config_main; config_main()", str(bad)],
+    proc = subprocess.run([sys.executable, "-c", "from equipet.commands.config import config_main; config_main()", str(bad)],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "seeds" in proc.stderr and "bad.yaml" in proc.stderr

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from equipet.errors import ConfigError
-from equipet.simulation.gate_backend import gate_command, main as gate_run_main, run_gate_job
+from equipet.simulation.gate_backend import gate_command, run_gate_job
+from equipet.commands.simulation.gate_backend import main as gate_run_main
 from equipet.simulation.gate_macros import write_macros
 from equipet.config import schema_defaults
 from equipet.simulation.phantom import hot_rod_phantom

@@ -9,8 +9,8 @@ import pytest
 import uproot
 
 from equipet.errors import InputDataError
-from equipet.simulation.gate_root import (BRANCHES, CoincidenceWriter, count_coincidences, iter_coincidences, merge_main,
-                               merge_root, read_coincidences, read_meta)
+from equipet.simulation.gate_root import BRANCHES, CoincidenceWriter, count_coincidences, iter_coincidences, merge_root, read_coincidences, read_meta
+from equipet.commands.simulation.gate_root import merge_main
 
 
 def fake(n, seed=0, event_offset=0):
@@ -142,7 +142,7 @@ def test_merge_offsets_event_ids(tmp_path):
 
 
 def test_merge_cli_and_counts_table(tmp_path):
-    from equipet.simulation.gate_root import counts_table_main
+    from equipet.commands.simulation.gate_root import counts_table_main
 
     p = tmp_path / "p.root"
     with CoincidenceWriter(p, meta={"n_decays": 10}) as w:

@@ -330,9 +330,9 @@ def test_command_line_stages_end_to_end(tmp_path):
 
     from equipet.config import validate
     from equipet.simulation.gate_root import CoincidenceWriter
-    from equipet.reconstruction.mlem import mlem_main, sensitivity_main
-    from equipet.reconstruction.psf import blurred_truth_main, psf_main
-    from equipet.reconstruction.recon_metrics import main as metrics_main
+    from equipet.commands.reconstruction.mlem import mlem_main, sensitivity_main
+    from equipet.commands.reconstruction.psf import blurred_truth_main, psf_main
+    from equipet.commands.reconstruction.recon_metrics import main as metrics_main
 
     scanner = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(SMALL).items()}
     cfg = validate({"scanner": scanner, "device": "cpu", "results_dir": str(tmp_path),

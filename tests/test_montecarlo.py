@@ -331,7 +331,7 @@ def test_file_written_equals_events_in_memory(tmp_path):
 def test_cli_writes_a_job_file(tmp_path):
     import json
 
-    from equipet.simulation.montecarlo import main
+    from equipet.commands.simulation.montecarlo import main
 
     cfg = {"scanner": schema_defaults("scanner"), "phantom": schema_defaults("phantom"),
            "acquisition": {**schema_defaults("acquisition"), "duration_s": 0.5, "n_jobs": 2}}

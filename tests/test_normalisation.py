@@ -90,8 +90,8 @@ def test_sensitivity_with_efficiency_matches_exhaustive_sum():
 def test_normalisation_and_sensitivity_command_line(tmp_path):
     """equipet-normalisation -> equipet-sensitivity --normalisation; a stale normalisation is refused."""
     from equipet.config import validate
-    from equipet.reconstruction.mlem import sensitivity_main
-    from equipet.reconstruction.normalisation import main as normalisation_main
+    from equipet.commands.reconstruction.mlem import sensitivity_main
+    from equipet.commands.reconstruction.normalisation import main as normalisation_main
 
     scanner = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(SMALL).items()}
     cfg = validate({"scanner": scanner, "device": "cpu", "results_dir": str(tmp_path),

@@ -14,7 +14,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "workflow" / "equipet"
 #: the layers, lowest first; a module imports only from its own subpackage or lower layers
-LAYERS = {"": 0, "simulation": 1, "networks": 1, "reconstruction": 2, "brain": 2, "assisted": 3, "study": 4}
+LAYERS = {"": 0, "simulation": 1, "networks": 1, "reconstruction": 2, "brain": 2, "assisted": 3, "study": 4,
+          "commands": 5}
 
 
 def module_name(path: Path) -> str:

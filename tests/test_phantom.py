@@ -104,7 +104,7 @@ def test_cli_writes_maps_rods_and_fig1(tmp_path):
     import nibabel as nib
 
     from equipet.config import schema_defaults
-    from equipet.simulation.phantom import main
+    from equipet.commands.simulation.phantom import main
 
     cfg = {"phantom": {**schema_defaults("phantom"), "truth_voxel_size_mm": 2.0}}
     main(["--settings", json.dumps(cfg), "--activity", str(tmp_path / "a.nii.gz"), "--mu", str(tmp_path / "m.nii.gz"),

@@ -31,11 +31,11 @@ import pandas as pd
 import pytest
 
 from equipet.assisted.central_slice import extract_slice
-from equipet.simulation.gate_root import merge_main
-from equipet.reconstruction.mlem import mlem_main, sensitivity_main
-from equipet.simulation.montecarlo import main as simulate_main
-from equipet.reconstruction.normalisation import main as normalisation_main
-from equipet.reconstruction.recon_metrics import main as metrics_main
+from equipet.commands.simulation.gate_root import merge_main
+from equipet.commands.reconstruction.mlem import mlem_main, sensitivity_main
+from equipet.commands.simulation.montecarlo import main as simulate_main
+from equipet.commands.reconstruction.normalisation import main as normalisation_main
+from equipet.commands.reconstruction.recon_metrics import main as metrics_main
 
 CTR = "100"
 

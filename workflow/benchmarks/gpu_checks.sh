@@ -63,7 +63,7 @@ EOF
         dir=results/assisted/ctr100/$method/$model/seed$seed
         mkdir -p "$dir" results/logs/assisted
         log "start assisted $method $model seed $seed"
-        "$PY" -c "from equipet.assisted.methods import main; main()" --config "$CFG" ${ASSISTED_CFG:-} --slice "$SLICE" \
+        "$PY" -c "from equipet.commands.assisted.methods import main; main()" --config "$CFG" ${ASSISTED_CFG:-} --slice "$SLICE" \
             --system results/assisted/ctr100/system.pt --method "$method" --model "$model" --seed "$seed" \
             --out-dir "$dir" --log "results/logs/assisted/ctr100_${method}_${model}_seed${seed}.log" \
             > "$OUT/assisted_${method}_${model}_seed${seed}.txt" 2>&1 &
@@ -84,7 +84,7 @@ done
 if [ "$(left)" -le 0 ]; then
     log "deadline: stopping what still runs"
     pkill -TERM -P "$abl" 2>/dev/null; kill -TERM "$abl" "${pids[@]}" 2>/dev/null
-    pkill -TERM -f "equipet.study.ablation import main" 2>/dev/null
+    pkill -TERM -f "equipet.commands.study.ablation import main" 2>/dev/null
     sleep 3
 fi
 for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done

@@ -77,7 +77,7 @@ fi
 
 for ctr in "${CTRS[@]}"; do
     log "start the 12 runs of ctr$ctr together"
-    setsid "$PY" -c "from equipet.assisted.methods import main; main()" --config config/config.yaml "$RESULTS/gpu.yaml" \
+    setsid "$PY" -c "from equipet.commands.assisted.methods import main; main()" --config config/config.yaml "$RESULTS/gpu.yaml" \
         --slice "$RESULTS/assisted/ctr$ctr/slice.npz" --system "$RESULTS/assisted/ctr$ctr/system.pt" \
         --method paper poisson --model scnn cnn --seed 0 1 2 --out-root "$RESULTS/assisted/ctr$ctr" \
         --log "$RESULTS/logs/assisted_ctr${ctr}.log" > "$RESULTS/logs/assisted_ctr${ctr}.out" 2>&1 < /dev/null &

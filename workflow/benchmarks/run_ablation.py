@@ -45,7 +45,7 @@ def _settings_file(cfg: dict, directory: Path, name: str) -> str:
 
 def _command(module: str, *args: str) -> list[str]:
     """``equipet-<module> args`` through this interpreter (works without the console scripts)."""
-    return [sys.executable, "-c", f"from equipet.{module} import main; main()", *args]
+    return [sys.executable, "-c", f"from equipet.commands.{module} import main; main()", *args]
 
 
 def _run(label: str, cmd: list[str], log: Path, env: dict) -> tuple[str, float, int, Path]:

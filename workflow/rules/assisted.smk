@@ -206,7 +206,8 @@ rule paper_claims:
     params:
         settings=settings("assisted"),
         runs=brain_run_dirs() + assisted_run_dirs(),
-        extra=lambda w, input: "--mlem-timing " + " ".join(input.mlem_timing),
+        extra="--mlem-timing "
+        + " ".join(expand(f"{RESULTS}/recon/ctr{{ctr}}/timing.json", ctr=ASSISTED_CTRS)),
     localrule: True
     resources:
         mem_mb=1000,

@@ -87,7 +87,7 @@ def slice_settings():
     return json.dumps(chosen, sort_keys=True)
 
 # equipet-claims as the claims rules call it (paper_claims adds the MLEM timings).
-# Each claims rule writes the verdicts of both pre-registrations: config/preregistration.md
+# The claims jobs write the verdicts of both pre-registrations, config/preregistration.md
 # (rules 1, output.table) and config/preregistration_2.md (rules 2, output.rules2).
 CLAIMS_SHELL = (
     "equipet-claims --settings {params.settings:q} --metrics {input.metrics} "

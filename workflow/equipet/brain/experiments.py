@@ -16,7 +16,6 @@ the images the figures show.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from equipet import cli
 from equipet.brain.image import BrainSlices, disk_mask
 from equipet.files import atomic_path
 from equipet.metrics import image_metrics, tidy_rows
@@ -204,33 +202,3 @@ def run_experiment(experiment: str, cfg: dict[str, Any], brain_path: Path, model
         rows_df.to_csv(tmp, index=False)
     log.info("%s/%s/seed%d: wrote %d metric rows to %s", experiment, model_name, seed, len(rows_df), out_dir)
     return rows_df
-
-
-def _parser(experiment: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"equipet-{experiment.replace('_', '-')}",
-                                description=f"train one network on the {experiment} brain experiment")
-    cli.add_common_arguments(p)
-    p.add_argument("--brain", type=Path, required=True, help="brain slices .npz from equipet-brain")
-    p.add_argument("--model", choices=["cnn", "scnn"], required=True)
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--out-dir", type=Path, required=True)
-    return p
-
-
-def _main_for(experiment: str) -> Callable[[Sequence[str] | None], None]:
-    def _main(argv: Sequence[str] | None) -> None:
-        args = _parser(experiment).parse_args(argv)
-        cli.setup_logging(args.log)
-        cfg = cli.settings_from_args(args)
-        run_experiment(experiment, cfg, args.brain, args.model, args.seed, args.out_dir)
-    return _main
-
-
-def denoise_main(argv: Sequence[str] | None = None) -> None:
-    """``equipet-denoise``: paper III-A for one model and seed."""
-    cli.run(_main_for("denoise"), argv)
-
-
-def radon_recon_main(argv: Sequence[str] | None = None) -> None:
-    """``equipet-radon-recon``: paper III-B for one model and seed."""
-    cli.run(_main_for("radon_recon"), argv)

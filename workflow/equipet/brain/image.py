@@ -42,7 +42,6 @@ Preparing the slices (:func:`brain_slices`)
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -321,25 +320,3 @@ def write_preview(slices: BrainSlices, path: str | Path) -> None:
     fig.suptitle(f"brain ({slices.source}), {slices.train.shape[0]} px", fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``equipet-brain``: prepare the benchmark brain slices (npz, optional PNG preview)."""
-    from equipet.cli import add_common_arguments, run, settings_from_args, setup_logging
-
-    def _main(argv: Sequence[str] | None) -> None:
-        parser = argparse.ArgumentParser(prog="equipet-brain", description=main.__doc__)
-        add_common_arguments(parser)
-        parser.add_argument("--out", type=Path, required=True, help="output .npz (e.g. resources/brain/brain.npz)")
-        parser.add_argument("--preview", type=Path, help="also write a PNG preview of the slices")
-        args = parser.parse_args(argv)
-        setup_logging(args.log)
-        slices = brain_slices(settings_from_args(args))
-        slices.save(args.out)
-        log.info("wrote %s (%s)", args.out, json.dumps({"train_index": slices.train_index,
-                                                        "heldout": slices.heldout_indices}))
-        if args.preview is not None:
-            write_preview(slices, args.preview)
-            log.info("wrote %s", args.preview)
-
-    run(_main, argv)

@@ -66,7 +66,6 @@ file whose key does not match the current settings, so a stale cache never enter
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -396,92 +395,73 @@ def prompt_corrections(model: SystemModel, corrections: Sequence[str], coinciden
 # command-line entry points
 
 
-def sensitivity_main(argv: Sequence[str] | None = None) -> None:
-    """``equipet-sensitivity``: the attenuation-corrected sensitivity image (NIfTI + JSON sidecar)."""
-    from equipet.cli import run
-
-    def _main(argv: Sequence[str] | None) -> None:
-        p = argparse.ArgumentParser(prog="equipet-sensitivity", description=sensitivity_main.__doc__)
-        p.add_argument("--out", type=Path, required=True, help="sensitivity image, .nii.gz")
-        p.add_argument("--normalisation", type=Path, default=None,
-                       help="from equipet-normalisation; required when mlem.normalisation.enabled")
-        args, cfg, scanner, mlem, phantom, device = stage_setup(p, argv)
-        model = SystemModel.from_config(cfg, device, normalisation_path=args.normalisation,
-                                        stage="equipet-sensitivity")
-        geom, efficiency = model.geometry, model.efficiency
-        mu, mu_geom = model.mu_map() if mlem["attenuation"] else (None, None)
-        sens, info = sensitivity_image(scanner, geom, mlem["sensitivity_lors"], mu, mu_geom,
-                                       mlem["sensitivity_batches"], mlem["sensitivity_seed"], device,
-                                       model.chunk, symmetrise=mlem["sensitivity_symmetrise"],
-                                       efficiency=efficiency)
-        key = sensitivity_key(cfg["scanner"], phantom, mlem)
-        if efficiency is not None:
-            info["doi_tof_sigma_mm"] = efficiency.doi_tof_sigma_mm
-        save_nifti(sens, geom, args.out)
-        with atomic_path(sidecar(args.out)) as tmp:
-            tmp.write_text(json.dumps({"key": key, "key_hash": key_hash(key), "device": str(device),
-                                       "shape": list(geom.shape), **info}, indent=2, default=str))
-
-    run(_main, argv)
+# ---------------------------------------------------------------------------------------
+# the stages (their command lines: equipet.commands.reconstruction.mlem)
 
 
-def mlem_main(argv: Sequence[str] | None = None) -> None:
-    """``equipet-mlem``: list-mode TOF MLEM of one acquisition, one NIfTI per iteration."""
-    from equipet.cli import run
+def write_sensitivity(model: SystemModel, scanner_cfg: Mapping[str, Any], out: Path) -> None:
+    """The stage ``equipet-sensitivity``: the sensitivity image of ``model`` (with its attenuation and
+    blank-scan normalisation) as NIfTI, and its JSON sidecar (settings key, DOI spread, device)."""
+    scanner, mlem, phantom, device = model.scanner, model.mlem, model.phantom, model.device
+    geom, efficiency = model.geometry, model.efficiency
+    mu, mu_geom = model.mu_map() if mlem["attenuation"] else (None, None)
+    sens, info = sensitivity_image(scanner, geom, mlem["sensitivity_lors"], mu, mu_geom,
+                                   mlem["sensitivity_batches"], mlem["sensitivity_seed"], device,
+                                   model.chunk, symmetrise=mlem["sensitivity_symmetrise"],
+                                   efficiency=efficiency)
+    key = sensitivity_key(scanner_cfg, phantom, mlem)
+    if efficiency is not None:
+        info["doi_tof_sigma_mm"] = efficiency.doi_tof_sigma_mm
+    save_nifti(sens, geom, out)
+    with atomic_path(sidecar(out)) as tmp:
+        tmp.write_text(json.dumps({"key": key, "key_hash": key_hash(key), "device": str(device),
+                                   "shape": list(geom.shape), **info}, indent=2, default=str))
+
+
+def reconstruct(model: SystemModel, corrections: Sequence[str], coincidences: Path, out_dir: Path) -> None:
+    """The stage ``equipet-mlem``: list-mode TOF MLEM of one acquisition with ``model`` (its CTR,
+    sensitivity image and, with ``corrections``, the randoms and scatter term), one NIfTI per
+    iteration, ``additive.npz`` and ``timing.json`` in ``out_dir``."""
     from equipet.reconstruction.listmode import read_listmode
 
-    def _main(argv: Sequence[str] | None) -> None:
-        p = argparse.ArgumentParser(prog="equipet-mlem", description=mlem_main.__doc__)
-        p.add_argument("--coincidences", type=Path, required=True, help="GATE ROOT file (Coincidences tree)")
-        p.add_argument("--sensitivity", type=Path, required=True, help="from equipet-sensitivity")
-        p.add_argument("--ctr-ps", type=float, required=True, help="coincidence time resolution, ps FWHM")
-        p.add_argument("--out-dir", type=Path, required=True, help="receives mlem_it{n}.nii.gz and timing.json")
-        p.add_argument("--normalisation", type=Path, default=None,
-                       help="from equipet-normalisation; required with mlem.corrections when "
-                            "mlem.normalisation.enabled (the additive term is divided by n_e)")
-        args, cfg, scanner, mlem, phantom, device = stage_setup(p, argv)
-        corrections = check_corrections(mlem.get("corrections") or [], mlem["events"])
-        model = SystemModel.from_config(cfg, device, args.ctr_ps, args.sensitivity, args.normalisation,
-                                        with_efficiency=bool(corrections), stage="equipet-mlem")
-        geom, sens = model.geometry, model.sensitivity
-        fwhm = tof_kernel_fwhm_mm(args.ctr_ps, scanner, mlem, model.doi_sigma_mm)
-        t0 = time.perf_counter()
-        window = tuple(mlem["energy_window_kev"]) if mlem.get("energy_window_kev") else None
-        ev = read_listmode(args.coincidences, scanner, mlem["events"], mlem["lor_endpoints"], window,
-                           mlem["read_step_size"], progress=True, elements=bool(corrections))
-        t_read = time.perf_counter() - t0
-        if len(ev) == 0:
-            raise InputDataError("no events left after selection", where=str(args.coincidences),
-                                 fix="check the energy window and mlem.events, or the simulation output")
-        ev_read_tof_sum = float(np.sum(ev.tof_mm, dtype=np.float64))
-        lo, hi = box_with_halo(geom)
-        hit = lor_hits_box(ev.p1_mm.astype(np.float64), ev.p2_mm.astype(np.float64), lo, hi)
-        log.info("%d of %d events cross the image box", int(hit.sum()), len(ev))
-        prompts_el = (prompts_per_element(scanner, ev.element1, ev.element2) if corrections else None)
-        ev = ev.subset(hit)
-        p1, p2, tof = ev.to_torch(device)
-        additive, corr_info = None, {}
-        if corrections:
-            additive, corr_info = prompt_corrections(model, corrections, args.coincidences, ev, prompts_el)
-        timing: dict[str, Any] = {"device": str(device), "events": len(ev), "read_s": t_read,
-                                  "ctr_ps": args.ctr_ps, "tof": mlem["tof"],
-                                  "tof_kernel_fwhm_mm": fwhm,
-                                  "subsets": mlem["subsets"],
-                                  "iterations_s": [], "corrections": list(corrections), **corr_info}
-        args.out_dir.mkdir(parents=True, exist_ok=True)
+    scanner, mlem, device, ctr_ps = model.scanner, model.mlem, model.device, model.ctr_ps
+    geom, sens = model.geometry, model.sensitivity
+    fwhm = tof_kernel_fwhm_mm(ctr_ps, scanner, mlem, model.doi_sigma_mm)
+    t0 = time.perf_counter()
+    window = tuple(mlem["energy_window_kev"]) if mlem.get("energy_window_kev") else None
+    ev = read_listmode(coincidences, scanner, mlem["events"], mlem["lor_endpoints"], window,
+                       mlem["read_step_size"], progress=True, elements=bool(corrections))
+    t_read = time.perf_counter() - t0
+    if len(ev) == 0:
+        raise InputDataError("no events left after selection", where=str(coincidences),
+                             fix="check the energy window and mlem.events, or the simulation output")
+    ev_read_tof_sum = float(np.sum(ev.tof_mm, dtype=np.float64))
+    lo, hi = box_with_halo(geom)
+    hit = lor_hits_box(ev.p1_mm.astype(np.float64), ev.p2_mm.astype(np.float64), lo, hi)
+    log.info("%d of %d events cross the image box", int(hit.sum()), len(ev))
+    prompts_el = (prompts_per_element(scanner, ev.element1, ev.element2) if corrections else None)
+    ev = ev.subset(hit)
+    p1, p2, tof = ev.to_torch(device)
+    additive, corr_info = None, {}
+    if corrections:
+        additive, corr_info = prompt_corrections(model, corrections, coincidences, ev, prompts_el)
+    timing: dict[str, Any] = {"device": str(device), "events": len(ev), "read_s": t_read,
+                              "ctr_ps": ctr_ps, "tof": mlem["tof"],
+                              "tof_kernel_fwhm_mm": fwhm,
+                              "subsets": mlem["subsets"],
+                              "iterations_s": [], "corrections": list(corrections), **corr_info}
+    out_dir.mkdir(parents=True, exist_ok=True)
 
-        def save(it: int, x: torch.Tensor, dt: float) -> None:
-            timing["iterations_s"].append(dt)
-            save_nifti(x.cpu().numpy(), geom, args.out_dir / f"mlem_it{it}.nii.gz")
-            log.info("iteration %d: %.2f s (%.3g events/s fwd+back)", it, dt, len(ev) / max(dt, 1e-9))
+    def save(it: int, x: torch.Tensor, dt: float) -> None:
+        timing["iterations_s"].append(dt)
+        save_nifti(x.cpu().numpy(), geom, out_dir / f"mlem_it{it}.nii.gz")
+        log.info("iteration %d: %.2f s (%.3g events/s fwd+back)", it, dt, len(ev) / max(dt, 1e-9))
 
-        listmode_mlem(p1, p2, tof if mlem["tof"] else None, sens, geom,
-                      mlem["iterations"], mlem["subsets"], fwhm,
-                      mlem["tof_truncation_sigma"], mlem["min_sensitivity_fraction"],
-                      chunk_events(mlem, device), mlem["system_cache_mb"], callback=save, additive=additive)
-        save_additive(args.out_dir / ADDITIVE_FILE, hit, ev_read_tof_sum,
-                      None if additive is None else additive.cpu().numpy(), corrections)
-        with atomic_path(args.out_dir / "timing.json") as tmp:
-            tmp.write_text(json.dumps(timing, indent=2))
-
-    run(_main, argv)
+    listmode_mlem(p1, p2, tof if mlem["tof"] else None, sens, geom,
+                  mlem["iterations"], mlem["subsets"], fwhm,
+                  mlem["tof_truncation_sigma"], mlem["min_sensitivity_fraction"],
+                  chunk_events(mlem, device), mlem["system_cache_mb"], callback=save, additive=additive)
+    save_additive(out_dir / ADDITIVE_FILE, hit, ev_read_tof_sum,
+                  None if additive is None else additive.cpu().numpy(), corrections)
+    with atomic_path(out_dir / "timing.json") as tmp:
+        tmp.write_text(json.dumps(timing, indent=2))

@@ -26,7 +26,6 @@ photon's deposits into one single placed at its largest deposit.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -378,19 +377,3 @@ def write_macros(cfg: Mapping[str, Any], ctr_ps: float, out_dir: str | Path) -> 
         written.append(out / name)
     log.info("wrote %d GATE macros for CTR %g ps to %s", len(written), ctr_ps, out)
     return written
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``equipet-gate-macros``: write the GATE 9.3+ macro set of one CTR."""
-    from equipet.cli import add_common_arguments, run, settings_from_args, setup_logging
-
-    def _main(argv: Sequence[str] | None) -> None:
-        p = argparse.ArgumentParser(prog="equipet-gate-macros", description=main.__doc__)
-        add_common_arguments(p)
-        p.add_argument("--ctr-ps", type=float, required=True, help="coincidence time resolution, ps FWHM")
-        p.add_argument("--out-dir", type=Path, required=True, help="directory receiving main.mac and the rest")
-        args = p.parse_args(argv)
-        setup_logging(args.log)
-        write_macros(settings_from_args(args), args.ctr_ps, args.out_dir)
-
-    run(_main, argv)

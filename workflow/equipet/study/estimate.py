@@ -57,7 +57,6 @@ runs on this machine as it is loaded now; on a shared machine times vary.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -77,7 +76,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from equipet import cli
 from equipet.errors import EquipetError
 
 log = logging.getLogger("equipet.study.estimate")
@@ -656,50 +654,9 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``equipet-estimate``: the jobs and expected wall time of a workflow run on this machine."""
-    cli.run(_main, argv)
-
-
-def _main(argv: Sequence[str] | None) -> None:
-    p = argparse.ArgumentParser(prog="equipet-estimate", description=main.__doc__)
-    p.add_argument("--configfile", "--configfiles", nargs="+", default=[], metavar="YAML",
-                   help=f"config files as given to Snakemake (after {DEFAULT_CONFIG}, which is always read)")
-    p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: the config's device)")
-    p.add_argument("--cores", type=int, default=0, help="CPU cores Snakemake will use (default: all available)")
-    p.add_argument("--workdir", type=Path, default=REPO, help="the workflow's directory (holds the Snakefile)")
-    p.add_argument("--json", type=Path, help="also write the measured costs and the stages as JSON")
-    p.add_argument("--log", type=Path, help="also append the log to this file")
-    args = p.parse_args(argv)
-    cli.setup_logging(args.log)
-    logging.getLogger().setLevel(logging.WARNING)   # the calibration's stages would log every step
-    from equipet.device import select_device
-
-    cores = args.cores or available_cores()
-    cfg = load_run_config(args.configfile, args.workdir)
-    device = select_device(args.device or cfg["device"])
-    if device.type == "cpu":
-        # every timed rule runs with at most 2 threads (its `threads:`), and so does the calibration
-        torch.set_num_threads(max(1, min(2, cores)))
-    jobs = runs_of_groups(dry_run_jobs(args.configfile, cores, args.workdir), cfg)
-    costs = calibrate(cfg, device, jobs)
-    stages = estimate(jobs, cfg, costs)
-    print(report(stages, costs, cfg, args.configfile, cores), flush=True)
-    if args.json:
-        from equipet.files import atomic_path
-
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps({
-                "configfiles": [DEFAULT_CONFIG, *args.configfile], "cores": cores, "costs": costs.to_dict(),
-                "stages": [{"name": s.name, "jobs": s.jobs, "serial_s": s.serial_s, "wall_s": s.wall_s(cores),
-                            "timed": s.timed, "gpu": s.gpu} for s in stages],
-                "wall_s": sum(s.wall_s(cores) for s in stages),
-                "jobs": [dataclasses.asdict(j) for j in jobs]}, indent=2) + "\n")
-
-
 if __name__ == "__main__":
     main()
 
 
 __all__ = ["Job", "Costs", "Stage", "parse_dry_run", "dry_run_jobs", "load_run_config", "calibrate", "estimate",
-           "job_seconds", "report", "main"]
+           "job_seconds", "report"]

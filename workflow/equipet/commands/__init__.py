@@ -1,0 +1,1 @@
+"""The command-line entry points (argparse) of equipet, one module per library module."""
