@@ -100,15 +100,7 @@ def time_epochs(model: torch.nn.Module, x: torch.Tensor, loss, epochs: int, devi
         opt.step()
         return float(value.detach())
 
-    epoch()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        epoch()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / epochs
+    return _time(epoch, epochs, device)
 
 
 def _stacked_epoch_timer(stack: torch.nn.Module, x: torch.Tensor, loss, device: torch.device):
@@ -134,6 +126,7 @@ def _stacked_epoch_timer(stack: torch.nn.Module, x: torch.Tensor, loss, device: 
 
 
 def _time(epoch, epochs: int, device: torch.device) -> float:
+    """Mean seconds of ``epoch()`` over ``epochs`` calls, after one warm-up call."""
     epoch()
     if device.type == "cuda":
         torch.cuda.synchronize()
