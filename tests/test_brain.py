@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from skimage import io
 
-import equipet.brain.image as brain
+from equipet.commands.brain.image import main as brain_main
 from equipet.brain.image import BrainSlices, brain_slices, disk_mask, load_brain_volume
 from equipet.errors import ConfigError, InputDataError
 
@@ -163,13 +163,13 @@ def test_npz_roundtrip_and_truncated_file(tmp_path, mni_slices):
 def test_cli_writes_npz_and_preview(tmp_path, capsys):
     settings = {"brain": {"size": 32, "heldout_slices": [-5, 5]}, "seeds": [0]}
     out, preview = tmp_path / "res" / "brain.npz", tmp_path / "res" / "brain.png"
-    brain.main(["--settings", json.dumps(settings), "--out", str(out), "--preview", str(preview),
+    brain_main(["--settings", json.dumps(settings), "--out", str(out), "--preview", str(preview),
                 "--log", str(tmp_path / "log.txt")])
     s = BrainSlices.load(out)
     assert s.train.shape == (32, 32) and s.heldout_indices == [72, 82]
     assert preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.parent.iterdir()) == ["brain.npz", "brain.png"]  # no temp files left
     with pytest.raises(SystemExit) as exc:
-        brain.main(["--settings", json.dumps({"brain": {"heldout_slices": [999]}}), "--out", str(out)])
+        brain_main(["--settings", json.dumps({"brain": {"heldout_slices": [999]}}), "--out", str(out)])
     assert exc.value.code == 2
     assert "brain.heldout_slices" in capsys.readouterr().err

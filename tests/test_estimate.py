@@ -8,6 +8,7 @@ import json
 import pytest
 
 from conftest import copy_checkout
+from equipet.commands.study.estimate import main as estimate_main
 from equipet.study import estimate as est
 
 DRY_RUN = """\
@@ -45,7 +46,7 @@ def quick_run(tmp_path_factory):
     """equipet-estimate on the quick configuration in a fresh checkout (no results yet), on the CPU."""
     work = copy_checkout(tmp_path_factory.mktemp("estimate"))
     out = work / "estimate.json"
-    est.main(["--configfile", "config/quick.yaml", "--device", "cpu", "--cores", "2",
+    estimate_main(["--configfile", "config/quick.yaml", "--device", "cpu", "--cores", "2",
               "--workdir", str(work), "--json", str(out)])
     return work, json.loads(out.read_text())
 
