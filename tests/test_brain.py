@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from skimage import io
 
+import equipet.brain.image as brain
 from equipet.commands.brain.image import main as brain_main
 from equipet.brain.image import BrainSlices, brain_slices, disk_mask, load_brain_volume
 from equipet.errors import ConfigError, InputDataError
