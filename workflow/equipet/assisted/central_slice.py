@@ -144,18 +144,6 @@ def sample_slice_lors(scanner: Any, geometry2d: ImageGeometry, n_lors: int, tof_
     return p1.astype(np.float32), p2.astype(np.float32), tof.astype(np.float32), float(weight)
 
 
-def attenuation_factors(cfg: Mapping[str, Any], p1: np.ndarray, p2: np.ndarray, chunk_size: int) -> np.ndarray:
-    """``eta = exp(-int mu)`` along each LOR through the phantom's mu-map (ones without ``mlem.attenuation``):
-    :meth:`equipet.reconstruction.system.SystemModel.attenuation` on the CPU."""
-    from equipet.reconstruction.system import SystemModel
-
-    model = SystemModel.from_config(cfg, torch.device("cpu"), with_efficiency=False)
-    model.mlem["chunk_events"] = chunk_size
-    with torch.no_grad():
-        eta = model.attenuation(torch.as_tensor(p1, dtype=torch.float32), torch.as_tensor(p2, dtype=torch.float32))
-    return eta.numpy().astype(np.float32)
-
-
 def _iteration_files(mlem_dir: Path) -> dict[int, Path]:
     files = {}
     for path in mlem_dir.glob("mlem_it*.nii*"):
@@ -288,8 +276,10 @@ def extract_slice(cfg: Mapping[str, Any], mlem_dir: Path, sensitivity_path: Path
         out["mc_background"] = (out_of_slab_projection(last, geom, k0, k1, mp1, mp2, mtof if fwhm else None, fwhm,
                                                        mlem["tof_truncation_sigma"], chunk)
                                 if sec["out_of_slice"] else np.zeros(len(mp1), np.float32))
-        out["eta"] = attenuation_factors(cfg, ev.p1_mm, ev.p2_mm, chunk)
-        out["mc_eta"] = attenuation_factors(cfg, mp1, mp2, chunk)
+        with torch.no_grad():   # eta = exp(-int mu) of each LOR (ones without mlem.attenuation)
+            for key, a, b in (("eta", ev.p1_mm, ev.p2_mm), ("mc_eta", mp1, mp2)):
+                out[key] = model.attenuation(torch.as_tensor(a, dtype=torch.float32),
+                                             torch.as_tensor(b, dtype=torch.float32)).numpy().astype(np.float32)
     return out
 
 

@@ -94,9 +94,7 @@ class SystemModel:
         """``exp(-int mu)`` along each LOR (ones without ``mlem.attenuation``)."""
         if not self.mlem["attenuation"]:
             return torch.ones(p1.shape[0], dtype=p1.dtype, device=p1.device)
-        mu, mu_geom = self.mu_map()
-        att = ListmodeTOFProjector(mu_geom, p1, p2, chunk_size=chunk_events(self.mlem, p1.device))
-        return torch.exp(-att.apply(torch.as_tensor(mu, dtype=p1.dtype, device=p1.device)))
+        return line_attenuation(*self.mu_map(), p1, p2, chunk_events(self.mlem, p1.device))
 
     def event_eta(self, ev: Any, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
         """``eta_e = n_e exp(-int mu)`` of each event (:func:`event_eta`)."""
@@ -210,7 +208,12 @@ def sidecar(path: Path) -> Path:
 def event_attenuation(p1: torch.Tensor, p2: torch.Tensor, phantom: Mapping[str, Any], voxel_size_mm: float,
                       chunk_size: int) -> torch.Tensor:
     """``eta_e = exp(-int mu)`` along each event's LOR through the phantom's mu-map."""
-    mu, mu_geom = phantom_mu_map(phantom, voxel_size_mm)
+    return line_attenuation(*phantom_mu_map(phantom, voxel_size_mm), p1, p2, chunk_size)
+
+
+def line_attenuation(mu: np.ndarray, mu_geom: ImageGeometry, p1: torch.Tensor, p2: torch.Tensor,
+                     chunk_size: int) -> torch.Tensor:
+    """``exp(-int mu)`` along each LOR ``p1 -> p2`` through the mu-map ``mu`` (1/mm) on ``mu_geom``."""
     att = ListmodeTOFProjector(mu_geom, p1, p2, chunk_size=chunk_size)
     return torch.exp(-att.apply(torch.as_tensor(mu, dtype=p1.dtype, device=p1.device)))
 
