@@ -12,11 +12,16 @@
 #   one equipet-assisted --out-root process per CTR (paper and poisson x scnn and cnn x seeds 0-2,
 #   60000 epochs, config/config.yaml with training.checkpoint_every 5000) in its own session, so
 #   that it outlives this command.
-# finish: the same for its CTRs (no benchmark), then waits for every CTR's process until
-#   DEADLINE_S seconds after its own start, stops what still runs (checkpoints stay), and writes
-#   OUT_DIR/loss_ctr<CTR>.tar.xz (each run's loss.csv), OUT_DIR/assisted_runs.tar.gz (every run's
-#   metrics.csv, timing.json, summary.json, eval.npz and the logs) and
-#   OUT_DIR/assisted_checkpoints.tar.gz (the checkpoints of runs that did not finish).
+# finish: the same for its CTRs (no benchmark; none is fine: it then waits for the processes an
+#   earlier call started), then waits for every process until DEADLINE_S seconds after its own
+#   start. With KEEP_RUNNING=1 it returns there if some still run (the next call waits on); else it
+#   stops what still runs (checkpoints stay) and writes OUT_DIR/loss_ctr<CTR>.tar.xz (each run's
+#   loss.csv), OUT_DIR/assisted_runs.tar.gz.part_* (15 MB parts of a tar.gz of every run's
+#   metrics.csv, timing.json, summary.json and eval.npz, the last snapshot of each finished run, and
+#   the logs) and OUT_DIR/assisted_checkpoints.tar.gz.part_* (the checkpoints and snapshots of the
+#   runs that did not finish, in parts, as PACKED_DIR/checkpoints.tar.gz* takes them).
+# SPLIT=ctr (default) trains each CTR's 12 runs in one process; SPLIT=model in two, one per network
+#   (6 runs each), which keeps more of a fast device busy when a step is bound by its launches.
 # $RESULTS (default /tmp/equipet_gpu) holds the runs; rerunning resumes them from their checkpoints,
 # and PACKED_DIR/checkpoints.tar.gz* (parts of a tar.gz of an earlier pass's assisted/ctr*/*/*/seed*/
 # checkpoint.pt and snapshots/, relative to $RESULTS) are restored first, so that a pass that ran
@@ -49,7 +54,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 if ls "$PACKED"/checkpoints.tar.gz* >/dev/null 2>&1 && [ ! -f "$RESULTS/.checkpoints_restored" ]; then
     log "restore the checkpoints of an earlier pass ($PACKED/checkpoints.tar.gz*)"
-    cat "$PACKED"/checkpoints.tar.gz* | tar xzf - -C "$RESULTS" && touch "$RESULTS/.checkpoints_restored"
+    # that pass's logs (and its process ids) go to logs/earlier_pass/, out of this pass's way
+    cat "$PACKED"/checkpoints.tar.gz* | tar xzf - -C "$RESULTS" --transform 's,^logs/,logs/earlier_pass/,' \
+        && touch "$RESULTS/.checkpoints_restored"
 fi
 for ctr in "${CTRS[@]}"; do
     dir="$RESULTS/assisted/ctr$ctr"
@@ -75,39 +82,70 @@ if [ "${BENCH:-0}" = 1 ]; then
         --out "$OUT/bench_assisted_runs.csv" 2>&1 | grep -v Warning | tee "$OUT/bench_assisted_runs.txt"
 fi
 
+case "${SPLIT:-ctr}" in
+    ctr) GROUPS_OF=("scnn cnn") ;;
+    model) GROUPS_OF=(scnn cnn) ;;
+    *) echo "SPLIT must be ctr or model, got ${SPLIT}" >&2; exit 2 ;;
+esac
 for ctr in "${CTRS[@]}"; do
-    log "start the 12 runs of ctr$ctr together"
-    setsid "$PY" -c "from equipet.commands.assisted.methods import main; main()" --config config/config.yaml "$RESULTS/gpu.yaml" \
-        --slice "$RESULTS/assisted/ctr$ctr/slice.npz" --system "$RESULTS/assisted/ctr$ctr/system.pt" \
-        --method paper poisson --model scnn cnn --seed 0 1 2 --out-root "$RESULTS/assisted/ctr$ctr" \
-        --log "$RESULTS/logs/assisted_ctr${ctr}.log" > "$RESULTS/logs/assisted_ctr${ctr}.out" 2>&1 < /dev/null &
-    echo $! > "$RESULTS/logs/assisted_ctr${ctr}.pid"
+    for models in "${GROUPS_OF[@]}"; do
+        name="ctr${ctr}$([ "${#GROUPS_OF[@]}" -gt 1 ] && echo "_$models")"
+        log "start the runs of $name together (paper poisson x $models x seeds 0-2)"
+        # shellcheck disable=SC2086  # $models is one or two network names
+        OMP_NUM_THREADS=1 setsid "$PY" -c "from equipet.commands.assisted.methods import main; main()" \
+            --config config/config.yaml "$RESULTS/gpu.yaml" \
+            --slice "$RESULTS/assisted/ctr$ctr/slice.npz" --system "$RESULTS/assisted/ctr$ctr/system.pt" \
+            --method paper poisson --model $models --seed 0 1 2 --out-root "$RESULTS/assisted/ctr$ctr" \
+            --log "$RESULTS/logs/assisted_${name}.log" > "$RESULTS/logs/assisted_${name}.out" 2>&1 < /dev/null &
+        echo $! > "$RESULTS/logs/assisted_${name}.pid"
+    done
 done
 [ "$MODE" = start ] && { log "started"; exit 0; }
 
 pids=$(cat "$RESULTS"/logs/assisted_ctr*.pid)
+running=0
 while [ $(( $(date +%s) - start )) -lt "$DEADLINE_S" ]; do
     running=0
     for p in $pids; do kill -0 "$p" 2>/dev/null && running=$((running + 1)); done
     [ "$running" -eq 0 ] && break
     sleep 5
 done
+progress() {
+    for f in "$RESULTS"/assisted/ctr*/*/*/seed*/loss.csv; do
+        [ -f "$f" ] && log "$f: $(($(wc -l < "$f") - 1)) epochs$([ -f "$(dirname "$f")/metrics.csv" ] && echo ', finished')"
+    done
+    for f in "$RESULTS"/logs/assisted_ctr*.out; do
+        log "$(basename "$f"): $(tr '\r' '\n' < "$f" | grep -a 'runs' | tail -n 1)"
+    done
+}
+if [ "${KEEP_RUNNING:-0}" = 1 ] && [ "$running" -gt 0 ]; then
+    log "deadline: $running process(es) still run; the next call waits on"
+    progress
+    exit 0
+fi
 for p in $pids; do
     if kill -0 "$p" 2>/dev/null; then log "deadline: stopping process $p"; kill -TERM "$p"; fi
 done
 sleep 3
 log "runs:"
-for f in "$RESULTS"/assisted/ctr*/*/*/seed*/loss.csv; do
-    [ -f "$f" ] && log "$f: $(($(wc -l < "$f") - 1)) epochs$([ -f "$(dirname "$f")/metrics.csv" ] && echo ', finished')"
-done
-tail -n 5 "$RESULTS"/logs/assisted_ctr*.out | tee -a "$RESULTS/logs/gpu_grid.log"
+progress
+grep -ah -B2 -A8 'Error' "$RESULTS"/logs/assisted_ctr*.out | tail -n 40 | tee -a "$RESULTS/logs/gpu_grid.log"
 cd "$RESULTS"
 for ctr in assisted/ctr*; do
-    tar cJf "$OUT/loss_${ctr#assisted/}.tar.xz" $(ls "$ctr"/*/*/seed*/loss.csv 2>/dev/null)
+    losses=$(ls "$ctr"/*/*/seed*/loss.csv 2>/dev/null)   # a run that did not finish keeps its losses in its checkpoint
+    # shellcheck disable=SC2086
+    [ -n "$losses" ] && tar cJf "$OUT/loss_${ctr#assisted/}.tar.xz" $losses
 done
-tar czf "$OUT/assisted_runs.tar.gz" --exclude=checkpoint.pt --exclude=model.pt --exclude=snapshots --exclude=slice.npz \
+last=$(for d in assisted/ctr*/*/*/seed*; do [ -f "$d/metrics.csv" ] && ls "$d"/snapshots/*.npy 2>/dev/null | sort | tail -n 1; done)
+tar cf "$RESULTS/runs.tar" --exclude=checkpoint.pt --exclude=model.pt --exclude=snapshots --exclude=slice.npz \
     --exclude=system.pt --exclude=loss.csv assisted logs
+# shellcheck disable=SC2086
+[ -n "$last" ] && tar rf "$RESULTS/runs.tar" $last
+gzip -c "$RESULTS/runs.tar" | split -b 15000000 - "$OUT/assisted_runs.tar.gz.part_"
+rm -f "$RESULTS/runs.tar"
 unfinished=$(for d in assisted/ctr*/*/*/seed*; do [ -f "$d/metrics.csv" ] || echo "$d/checkpoint.pt"; done \
              | while read -r f; do [ -f "$f" ] && echo "$f"; done)
-[ -n "$unfinished" ] && tar czf "$OUT/assisted_checkpoints.tar.gz" $unfinished
+# shellcheck disable=SC2086
+[ -n "$unfinished" ] && tar czf - $unfinished $(for f in $unfinished; do d="$(dirname "$f")/snapshots"; [ -d "$d" ] && echo "$d"; done) \
+    | split -b 15000000 - "$OUT/assisted_checkpoints.tar.gz.part_"
 ls -la "$OUT"
