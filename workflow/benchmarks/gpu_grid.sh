@@ -14,18 +14,23 @@
 #   that it outlives this command.
 # finish: the same for its CTRs (no benchmark; none is fine: it then waits for the processes an
 #   earlier call started), then waits for every process until DEADLINE_S seconds after its own
-#   start. With KEEP_RUNNING=1 it returns there if some still run (the next call waits on); else it
-#   stops what still runs (checkpoints stay) and writes OUT_DIR/loss_ctr<CTR>.tar.xz (each run's
-#   loss.csv), OUT_DIR/assisted_runs.tar.gz.part_* (15 MB parts of a tar.gz of every run's
-#   metrics.csv, timing.json, summary.json and eval.npz, the last snapshot of each finished run, and
-#   the logs) and OUT_DIR/assisted_checkpoints.tar.gz.part_* (the checkpoints and snapshots of the
-#   runs that did not finish, in parts, as PACKED_DIR/checkpoints.tar.gz* takes them).
+#   start. With STOP_AT=E (a multiple of training.checkpoint_every) a process is stopped once it is
+#   past epoch E, its checkpoint of E written. With KEEP_RUNNING=1 it returns at the deadline if
+#   some still run (the next call waits on), after packing their checkpoints; else it stops what
+#   still runs (checkpoints stay) and writes, most needed first:
+#   OUT_DIR/assisted_checkpoints.tar.xz.part_* (15 MB parts of the checkpoints and snapshots of the
+#   runs that did not finish, as PACKED_DIR/checkpoints.tar.* takes them back),
+#   OUT_DIR/assisted_runs.tar.xz.part_* (every run's metrics.csv, timing.json, summary.json and
+#   eval.npz, the last snapshot of each finished run, and the logs) and OUT_DIR/loss_ctr<CTR>.tar.xz
+#   (each run's loss.csv). xz -1 on every core keeps the packing to seconds.
 # SPLIT=ctr (default) trains each CTR's 12 runs in one process; SPLIT=model in two, one per network
-#   (6 runs each), which keeps more of a fast device busy when a step is bound by its launches.
+#   (6 runs each). On an H200 both give the same throughput, about 1650 run-epochs/s
+#   (measured/README.md): the device is the limit, not one process's launches.
 # $RESULTS (default /tmp/equipet_gpu) holds the runs; rerunning resumes them from their checkpoints,
-# and PACKED_DIR/checkpoints.tar.gz* (parts of a tar.gz of an earlier pass's assisted/ctr*/*/*/seed*/
-# checkpoint.pt and snapshots/, relative to $RESULTS) are restored first, so that a pass that ran
-# out of device time continues on another machine.
+# and PACKED_DIR/checkpoints.tar.gz* or .tar.xz* (parts of a tar of an earlier pass's
+# assisted/ctr*/*/*/seed*/checkpoint.pt and snapshots/, relative to $RESULTS) are restored first
+# (that pass's logs go to logs/earlier_pass/), so that a pass that ran out of device time
+# continues on another machine.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 MODE="$1"; OUT="$2"; PACKED="$3"; shift 3
@@ -52,10 +57,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 "$PY" -c "import torch, escnn, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__)" \
     2>&1 | tee -a "$RESULTS/logs/gpu.txt"
 
-if ls "$PACKED"/checkpoints.tar.gz* >/dev/null 2>&1 && [ ! -f "$RESULTS/.checkpoints_restored" ]; then
-    log "restore the checkpoints of an earlier pass ($PACKED/checkpoints.tar.gz*)"
+if ls "$PACKED"/checkpoints.tar.* >/dev/null 2>&1 && [ ! -f "$RESULTS/.checkpoints_restored" ]; then
+    log "restore the checkpoints of an earlier pass ($PACKED/checkpoints.tar.*)"
     # that pass's logs (and its process ids) go to logs/earlier_pass/, out of this pass's way
-    cat "$PACKED"/checkpoints.tar.gz* | tar xzf - -C "$RESULTS" --transform 's,^logs/,logs/earlier_pass/,' \
+    z=z; ls "$PACKED"/checkpoints.tar.xz* >/dev/null 2>&1 && z=J
+    cat "$PACKED"/checkpoints.tar.* | tar "x${z}f" - -C "$RESULTS" --transform 's,^logs/,logs/earlier_pass/,' \
         && touch "$RESULTS/.checkpoints_restored"
 fi
 for ctr in "${CTRS[@]}"; do
@@ -102,14 +108,9 @@ for ctr in "${CTRS[@]}"; do
 done
 [ "$MODE" = start ] && { log "started"; exit 0; }
 
-pids=$(cat "$RESULTS"/logs/assisted_ctr*.pid)
-running=0
-while [ $(( $(date +%s) - start )) -lt "$DEADLINE_S" ]; do
-    running=0
-    for p in $pids; do kill -0 "$p" 2>/dev/null && running=$((running + 1)); done
-    [ "$running" -eq 0 ] && break
-    sleep 5
-done
+epoch_of() {   # the last epoch a process's progress bar shows
+    tr '\r' '\n' < "$1" | grep -ao "[0-9]*/$EPOCHS" | tail -n 1 | cut -d/ -f1
+}
 progress() {
     for f in "$RESULTS"/assisted/ctr*/*/*/seed*/loss.csv; do
         [ -f "$f" ] && log "$f: $(($(wc -l < "$f") - 1)) epochs$([ -f "$(dirname "$f")/metrics.csv" ] && echo ', finished')"
@@ -118,9 +119,37 @@ progress() {
         log "$(basename "$f"): $(tr '\r' '\n' < "$f" | grep -a 'runs' | tail -n 1)"
     done
 }
+pack_checkpoints() {   # first, since they are what a later pass needs (fast: xz -1 on every core)
+    rm -f "$OUT"/assisted_checkpoints.tar.xz.part_*
+    local unfinished
+    unfinished=$(cd "$RESULTS" && for d in assisted/ctr*/*/*/seed*; do
+                     [ -f "$d/metrics.csv" ] || [ ! -f "$d/checkpoint.pt" ] || echo "$d/checkpoint.pt $d/snapshots"; done)
+    # shellcheck disable=SC2086
+    [ -n "$unfinished" ] && (cd "$RESULTS" && tar cf - $unfinished 2>/dev/null | xz -T0 -1 \
+        | split -b 15000000 - "$OUT/assisted_checkpoints.tar.xz.part_")
+    log "checkpoints packed: $(ls "$OUT"/assisted_checkpoints.tar.xz.part_* 2>/dev/null | wc -l) part(s)"
+}
+
+pids=$(cat "$RESULTS"/logs/assisted_ctr*.pid)
+running=0
+while [ $(( $(date +%s) - start )) -lt "$DEADLINE_S" ]; do
+    running=0
+    for f in "$RESULTS"/logs/assisted_ctr*.pid; do
+        p=$(cat "$f")
+        kill -0 "$p" 2>/dev/null || continue
+        e=$(epoch_of "${f%.pid}.out")
+        if [ -n "${STOP_AT:-}" ] && [ "${e:-0}" -gt $((STOP_AT + 10)) ]; then   # its checkpoint of STOP_AT is written
+            log "$(basename "${f%.pid}") passed epoch $STOP_AT ($e): stopped"; kill -TERM "$p"; continue
+        fi
+        running=$((running + 1))
+    done
+    [ "$running" -eq 0 ] && break
+    sleep 2
+done
 if [ "${KEEP_RUNNING:-0}" = 1 ] && [ "$running" -gt 0 ]; then
     log "deadline: $running process(es) still run; the next call waits on"
     progress
+    pack_checkpoints
     exit 0
 fi
 for p in $pids; do
@@ -130,22 +159,18 @@ sleep 3
 log "runs:"
 progress
 grep -ah -B2 -A8 'Error' "$RESULTS"/logs/assisted_ctr*.out | tail -n 40 | tee -a "$RESULTS/logs/gpu_grid.log"
+pack_checkpoints
 cd "$RESULTS"
-for ctr in assisted/ctr*; do
-    losses=$(ls "$ctr"/*/*/seed*/loss.csv 2>/dev/null)   # a run that did not finish keeps its losses in its checkpoint
-    # shellcheck disable=SC2086
-    [ -n "$losses" ] && tar cJf "$OUT/loss_${ctr#assisted/}.tar.xz" $losses
-done
 last=$(for d in assisted/ctr*/*/*/seed*; do [ -f "$d/metrics.csv" ] && ls "$d"/snapshots/*.npy 2>/dev/null | sort | tail -n 1; done)
 tar cf "$RESULTS/runs.tar" --exclude=checkpoint.pt --exclude=model.pt --exclude=snapshots --exclude=slice.npz \
     --exclude=system.pt --exclude=loss.csv assisted logs
 # shellcheck disable=SC2086
 [ -n "$last" ] && tar rf "$RESULTS/runs.tar" $last
-gzip -c "$RESULTS/runs.tar" | split -b 15000000 - "$OUT/assisted_runs.tar.gz.part_"
+xz -T0 -1 -c "$RESULTS/runs.tar" | split -b 15000000 - "$OUT/assisted_runs.tar.xz.part_"
 rm -f "$RESULTS/runs.tar"
-unfinished=$(for d in assisted/ctr*/*/*/seed*; do [ -f "$d/metrics.csv" ] || echo "$d/checkpoint.pt"; done \
-             | while read -r f; do [ -f "$f" ] && echo "$f"; done)
-# shellcheck disable=SC2086
-[ -n "$unfinished" ] && tar czf - $unfinished $(for f in $unfinished; do d="$(dirname "$f")/snapshots"; [ -d "$d" ] && echo "$d"; done) \
-    | split -b 15000000 - "$OUT/assisted_checkpoints.tar.gz.part_"
+for ctr in assisted/ctr*; do
+    losses=$(ls "$ctr"/*/*/seed*/loss.csv 2>/dev/null)
+    # shellcheck disable=SC2086
+    [ -n "$losses" ] && tar cf - $losses | xz -T0 -1 > "$OUT/loss_${ctr#assisted/}.tar.xz"
+done
 ls -la "$OUT"
