@@ -432,6 +432,31 @@ def test_rules2_absolute_times_only_on_the_papers_gpu_and_ratios_from_times_meas
         "denoise_time_ratio_scnn_cnn", "verdict"] == REPRODUCED
 
 
+def test_rules2_ablation_times_count_as_alone_only_when_the_run_says_so(tmp_path):
+    """An ablation run's time is judged (rules 2) only when its timing.json says it was the one
+    training process on its device; side by side, or not said, it is contention. Batched runs are
+    contention whatever the launcher said."""
+    import json
+
+    from equipet.study.claims import contention_reason, load_run
+
+    runs = [replace(r, stage="confirm", configuration="x") for r in brain_runs()]
+    assert "contention" in contention_reason(runs)                                  # not said
+    assert contention_reason([replace(r, concurrent_jobs=1) for r in runs]) is None  # alone
+    assert "contention" in contention_reason([replace(r, concurrent_jobs=8) for r in runs])
+    mixed = [replace(r, concurrent_jobs=1) for r in runs[1:]] + [replace(runs[0], concurrent_jobs=2)]
+    assert contention_reason(mixed).startswith(f"contention: 1 of {len(runs)} runs")
+    assert "contention" in contention_reason([replace(r, concurrent_jobs=1, batched_runs=3) for r in runs])
+    assert contention_reason(brain_runs()) is None                                  # the plain runs
+    # the field travels from timing.json (absent in files written before it existed: unknown)
+    run_dir = tmp_path / "denoise" / "scnn" / "seed0"
+    run_dir.mkdir(parents=True)
+    pd.DataFrame({"epoch": [1, 2], "loss": [1.0, 0.5], "wall_time_s": [0.1, 0.2]}).to_csv(run_dir / "loss.csv", index=False)
+    for timing, expected in (({"device": "cpu", "concurrent_jobs": 1}, 1), ({"device": "cpu"}, None)):
+        (run_dir / "timing.json").write_text(json.dumps(timing))
+        assert load_run(run_dir).concurrent_jobs == expected
+
+
 def test_rules2_instability_does_not_depend_on_where_the_loss_starts():
     """One rise by a decade on the way down: U2 is 1 decade whether the curve starts at 10 or at
     1e4; U (rules 1) divides by the fall from the first loss and changes 3-fold."""

@@ -120,6 +120,27 @@ def test_train_writes_every_output(tmp_path):
     assert not list(tmp_path.glob(".*.tmp*")), "no temporary files may be left behind"
 
 
+def test_timing_records_the_launchers_concurrent_jobs(tmp_path, monkeypatch):
+    """EQUIPET_CONCURRENT_JOBS (run_ablation.py --jobs) lands in timing.json for the contention rule;
+    unset it is null, and a value that is not a positive count is refused before training."""
+    from equipet.errors import ConfigError
+
+    noisy, clean = denoising_problem()
+    for value, expected in (("1", 1), ("8", 8), (None, None)):
+        out = tmp_path / f"jobs{value}"
+        if value is None:
+            monkeypatch.delenv("EQUIPET_CONCURRENT_JOBS", raising=False)
+        else:
+            monkeypatch.setenv("EQUIPET_CONCURRENT_JOBS", value)
+        train(make("cnn"), noisy, MSELoss(clean), settings(epochs=2, snapshots=[2]), out)
+        timing = json.loads((out / "timing.json").read_text())
+        assert timing["concurrent_jobs"] == expected
+        assert len(timing["load_average_end"]) == 3 and timing["cpu_count"] >= 1
+    monkeypatch.setenv("EQUIPET_CONCURRENT_JOBS", "two")
+    with pytest.raises(ConfigError, match="EQUIPET_CONCURRENT_JOBS"):
+        train(make("cnn"), noisy, MSELoss(clean), settings(epochs=2, snapshots=[2]), tmp_path / "bad")
+
+
 def test_scnn_model_pt_loads_into_a_fresh_scnn(tmp_path):
     noisy, clean = denoising_problem()
     result = train(make("scnn"), noisy, MSELoss(clean), settings(epochs=3, snapshots=[3]), tmp_path)

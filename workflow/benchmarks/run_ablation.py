@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     logs = results / "logs" / "ablation"
     brain = REPO / "resources" / "brain" / "brain.npz"
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    # EQUIPET_CONCURRENT_JOBS goes into each run's timing.json: the contention rule of
+    # config/preregistration_2.md judges the times of runs that had the device to themselves (--jobs 1)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MPLBACKEND="Agg",
+               EQUIPET_CONCURRENT_JOBS=str(max(1, args.jobs)),
                PYTHONPATH=os.pathsep.join([str(REPO / "workflow"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     tmp = Path(tempfile.mkdtemp(prefix="equipet-ablation-"))
     all_results: list[tuple[str, float, int, Path]] = []

@@ -20,9 +20,12 @@ Outputs written into ``out_dir`` (all atomically, see :func:`equipet.files.atomi
     the network output ``(H, W)`` float32 in eval mode after ``k`` steps.
 ``timing.json``
     ``epochs, epochs_requested, stopped_early, total_s, s_per_epoch, device, torch,
-    n_parameters, resumed_from_epoch, batched_runs`` (``resumed_from_epoch`` is 0 for a run
-    that started from scratch; ``batched_runs`` the number of runs that shared each step in one
-    process, 1 here and R for runs trained together by :mod:`equipet.networks.stacked`).
+    n_parameters, resumed_from_epoch, batched_runs, concurrent_jobs, load_average_end, cpu_count``
+    (``resumed_from_epoch`` is 0 for a run that started from scratch; ``batched_runs`` the number
+    of runs that shared each step in one process, 1 here and R for runs trained together by
+    :mod:`equipet.networks.stacked`; ``concurrent_jobs`` the training processes its launcher ran
+    side by side, from ``EQUIPET_CONCURRENT_JOBS``, null when none said; ``load_average_end`` the
+    machine's 1, 5 and 15 minute load averages when it finished, a check on that).
 ``model.pt``
     the final ``state_dict`` (CPU tensors; taken in eval mode so that it loads
     into a freshly built model).
@@ -55,7 +58,7 @@ import torch
 from tqdm.auto import tqdm
 
 from equipet.device import select_device
-from equipet.errors import EquipetError, InputDataError, TrainingDivergedError
+from equipet.errors import ConfigError, EquipetError, InputDataError, TrainingDivergedError
 from equipet.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -600,6 +603,28 @@ def _checkpoint(fingerprint: dict[str, Any], epoch: int, model_state: dict[str, 
     }
 
 
+CONCURRENT_JOBS_ENV = "EQUIPET_CONCURRENT_JOBS"
+
+
+def concurrent_jobs() -> int | None:
+    """How many training processes the launcher ran side by side on this device, from the
+    environment variable ``EQUIPET_CONCURRENT_JOBS`` (``run_ablation.py`` sets its ``--jobs``);
+    None when no launcher said. Recorded in ``timing.json`` for the contention rule of
+    ``config/preregistration_2.md``."""
+    value = os.environ.get(CONCURRENT_JOBS_ENV)
+    if value is None or value == "":
+        return None
+    try:
+        jobs = int(value)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise ConfigError(f"{CONCURRENT_JOBS_ENV}={value!r} is not a positive number of jobs",
+                          where=f"environment variable {CONCURRENT_JOBS_ENV}",
+                          fix="set it to the number of training processes run side by side (1: alone), or unset it")
+    return jobs
+
+
 def _write_checkpoint(out_dir: Path, checkpoint: dict[str, Any]) -> None:
     _save_torch(out_dir / CHECKPOINT_NAME, checkpoint)
     _write_loss_csv(out_dir / "loss.csv", checkpoint["losses"], checkpoint["wall_time_s"])
@@ -629,6 +654,9 @@ def _finish(out_dir: Path, desc: str, model: torch.nn.Module, losses: list[float
         "n_parameters": n_parameters,
         "resumed_from_epoch": start_epoch,
         "batched_runs": int(batched_runs),
+        "concurrent_jobs": concurrent_jobs(),
+        "load_average_end": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
     }
     with atomic_path(out_dir / "timing.json") as tmp:
         tmp.write_text(json.dumps(timing, indent=2) + "\n")

@@ -99,6 +99,7 @@ class Run:
     paper_consistent: bool = True
     method: str = PAPER_METHOD            # assisted method
     batched_runs: int = 1                 # runs that shared its training steps (timing.json)
+    concurrent_jobs: int | None = None    # training processes side by side on its device (timing.json; None: unknown)
 
     @property
     def epochs(self) -> int:
@@ -123,7 +124,8 @@ def load_run(run_dir: Path) -> Run:
                configuration=labels.get("configuration"), stage=labels.get("stage"),
                paper_consistent=bool(labels.get("paper_consistent", True)),
                method=str(labels.get("method") or timing.get("method") or PAPER_METHOD),
-               batched_runs=int(timing.get("batched_runs", 1)))
+               batched_runs=int(timing.get("batched_runs", 1)),
+               concurrent_jobs=None if timing.get("concurrent_jobs") is None else int(timing["concurrent_jobs"]))
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float, int]:
@@ -252,12 +254,15 @@ def hardware_reason(runs: Sequence[Run]) -> str | None:
 
 
 def contention_reason(runs: Sequence[Run]) -> str | None:
-    """Rules 2: times of runs that shared their steps (batched) or their device (ablation jobs side by side)."""
-    shared = [r for r in runs if r.batched_runs > 1 or r.stage is not None]
+    """Rules 2: times of runs that shared their steps (batched) or their device (ablation jobs side by
+    side). An ablation run counts as alone only when its ``timing.json`` says it was the one training
+    process on its device (``concurrent_jobs == 1``, set by ``run_ablation.py --jobs 1``); one that does
+    not say counts as shared, since the ablation's jobs usually run side by side."""
+    shared = [r for r in runs if r.batched_runs > 1 or (r.stage is not None and r.concurrent_jobs != 1)]
     if not shared:
         return None
     return (f"contention: {len(shared)} of {len(runs)} runs shared their training steps or the device "
-            "(batched_runs > 1, or ablation jobs side by side)")
+            "(batched_runs > 1, or ablation jobs side by side or not known to be alone)")
 
 
 def _at_most(factor: float, paper: float) -> Callable[[float], bool]:
