@@ -136,9 +136,11 @@ def test_timing_records_the_launchers_concurrent_jobs(tmp_path, monkeypatch):
         timing = json.loads((out / "timing.json").read_text())
         assert timing["concurrent_jobs"] == expected
         assert len(timing["load_average_end"]) == 3 and timing["cpu_count"] >= 1
-    monkeypatch.setenv("EQUIPET_CONCURRENT_JOBS", "two")
-    with pytest.raises(ConfigError, match="EQUIPET_CONCURRENT_JOBS"):
-        train(make("cnn"), noisy, MSELoss(clean), settings(epochs=2, snapshots=[2]), tmp_path / "bad")
+    for bad in ("two", "0"):   # refused before a step is trained
+        monkeypatch.setenv("EQUIPET_CONCURRENT_JOBS", bad)
+        with pytest.raises(ConfigError, match="EQUIPET_CONCURRENT_JOBS"):
+            train(make("cnn"), noisy, MSELoss(clean), settings(epochs=2, snapshots=[2]), tmp_path / "bad")
+        assert not (tmp_path / "bad" / "loss.csv").exists() and not (tmp_path / "bad" / "checkpoint.pt").exists()
 
 
 def test_scnn_model_pt_loads_into_a_fresh_scnn(tmp_path):

@@ -52,7 +52,7 @@ from equipet.networks.nets import CNN, SCNN, NonNegativeOutput
 from equipet.networks.training import (CHECKPOINT_NAME, TrainResult, TrainSettings, _check_finite_data, _checkpoint,
                                        _earlier_snapshots, _fingerprint, _finish, _load_checkpoint, _rng_state,
                                        _save_npy, _set_rng_state, _snapshot_path, _state_dict_cpu,
-                                       _write_checkpoint, seed_everything)
+                                       _write_checkpoint, concurrent_jobs, seed_everything)
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +434,7 @@ def train_stacked(specs: Sequence[StackedRun]) -> list[TrainResult | TrainingDiv
         return []
     settings = _check_same_settings(specs)
     device = select_device(settings.device)
+    concurrent_jobs()   # a malformed EQUIPET_CONCURRENT_JOBS is refused before training
     previous_det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     if settings.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")

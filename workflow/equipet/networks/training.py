@@ -439,6 +439,7 @@ def train(
             fix="keep every snapshot between 1 and epochs",
         )
     device = select_device(settings.device)
+    concurrent_jobs()   # a malformed EQUIPET_CONCURRENT_JOBS is refused before training, not after
     seed_everything(settings.seed, settings.deterministic)
     previous_det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     if settings.deterministic:
