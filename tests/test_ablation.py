@@ -149,6 +149,9 @@ def test_gpu_runner_writes_the_rules_outputs_so_snakemake_only_aggregates(tmp_pa
     assert labels["configuration"] == "scnn_paper" and labels["stage"] == "confirm"
     metrics = pd.read_csv(work / "results/ablation/grid/denoise/scnn_c4/seed0/metrics.csv")
     assert set(metrics["configuration"]) == {"scnn_c4"} and set(metrics["group"]) == {"C4"}
+    # each run's timing.json says how many ran side by side (--jobs 2), for the contention rule
+    timing = json.loads((work / "results/ablation/grid/denoise/scnn_c4/seed0/timing.json").read_text())
+    assert timing["concurrent_jobs"] == 2
     # rerunning skips finished runs
     again = subprocess.run([sys.executable, "workflow/benchmarks/run_ablation.py", "--configfile", *configs,
                             "--only", "screen"], cwd=work, capture_output=True, text=True, timeout=300, env=env)
@@ -158,3 +161,28 @@ def test_gpu_runner_writes_the_rules_outputs_so_snakemake_only_aggregates(tmp_pa
     assert plan.returncode == 0, plan.stdout + plan.stderr
     assert "ablation_summary" in plan.stdout
     assert not re.search(r"^(ablation_train|ablation_confirm|ablation_select|brain)\s+\d+$", plan.stdout, re.M)
+    # a brain file made with other settings (say the quick configuration's) is made again, not trained on
+    from equipet.brain.image import BrainSlices, brain_slices
+    brain_file = work / "resources" / "brain" / "brain.npz"
+    brain_slices({"brain": {"size": 16, "heldout_slices": [-8, 8]}}).save(brain_file)
+    stale = subprocess.run([sys.executable, "workflow/benchmarks/run_ablation.py", "--configfile", *configs,
+                            "--only", "screen"], cwd=work, capture_output=True, text=True, timeout=300, env=env)
+    assert stale.returncode == 0, stale.stdout + stale.stderr
+    assert "made with other settings (its image is 16 x 16, brain.size is 32)" in stale.stdout
+    assert BrainSlices.load(brain_file).train.shape == (32, 32)
+
+
+def test_training_refuses_a_brain_file_made_with_other_settings(tmp_path):
+    """Settings that carry a brain section (the ablation's) are checked against the brain file
+    before any training: a stale file names itself and the field."""
+    from equipet.brain.experiments import run_experiment
+    from equipet.brain.image import brain_slices
+
+    cfg = load_config([REPO / "config" / "config.yaml", REPO / "config" / "quick.yaml"])
+    cfg["device"] = "cpu"
+    path = tmp_path / "brain.npz"
+    brain_slices({"brain": {"size": 16, "heldout_slices": [-8, 8]}}).save(path)
+    with pytest.raises(ConfigError, match="its image is 16 x 16, brain.size is 64") as err:
+        run_experiment("denoise", cfg, path, "cnn", 0, tmp_path / "run")
+    assert str(path) in str(err.value)
+    assert not (tmp_path / "run" / "loss.csv").exists()

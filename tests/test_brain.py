@@ -161,6 +161,23 @@ def test_npz_roundtrip_and_truncated_file(tmp_path, mni_slices):
         BrainSlices.load(path)
 
 
+def test_slices_made_with_other_settings_are_refused(tmp_path, mni_slices):
+    """A brain file is checked against the settings that will train on it: the quick
+    configuration's 64 x 64 image must not stand in for the paper's 128 x 128 one."""
+    same = {"brain": {"source": "mni152", "size": SIZE}}
+    assert mni_slices.mismatch(same) is None
+    assert mni_slices.mismatch({"brain": {"source": "mni152", "size": 128}}) == f"its image is {SIZE} x {SIZE}, brain.size is 128"
+    assert "brain.source" in mni_slices.mismatch({"brain": {"source": "skimage", "size": SIZE}})
+    assert "brain.heldout_slices" in mni_slices.mismatch({"brain": {"size": SIZE, "heldout_slices": [-5, 5]}})
+    assert "brain.slice" in mni_slices.mismatch({"brain": {"size": SIZE, "slice": mni_slices.train_index + 1}})
+    assert mni_slices.mismatch({"brain": {"size": SIZE, "slice": mni_slices.train_index}}) is None
+    path = tmp_path / "brain.npz"
+    with pytest.raises(ConfigError, match="brain.size is 128") as err:
+        mni_slices.check({"brain": {"size": 128}}, path)
+    assert str(path) in str(err.value)
+    mni_slices.check(same, path)   # matching settings pass
+
+
 def test_cli_writes_npz_and_preview(tmp_path, capsys):
     settings = {"brain": {"size": 32, "heldout_slices": [-5, 5]}, "seeds": [0]}
     out, preview = tmp_path / "res" / "brain.npz", tmp_path / "res" / "brain.png"

@@ -113,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
             return
         all_results.extend(_parallel(jobs, args.jobs, env))
 
-    if not brain.exists() and not args.dry_run:
+    stale = None
+    if brain.exists():
+        from equipet.brain.image import BrainSlices
+        stale = BrainSlices.load(brain).mismatch(cfg)
+        if stale:
+            print(f"{brain} was made with other settings ({stale}): made again, as snakemake's brain rule would",
+                  flush=True)
+    if (stale or not brain.exists()) and not args.dry_run:
         go([("brain", _command("brain.image", "--settings", _settings_file(cfg, tmp, "brain"), "--out", str(brain),
                                "--preview", str(brain.with_suffix(".png"))), logs / "brain.log")])
 

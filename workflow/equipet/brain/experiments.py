@@ -165,6 +165,8 @@ def run_experiment(experiment: str, cfg: dict[str, Any], brain_path: Path, model
     ``extra_columns`` are appended to every metrics row (the ablation's configuration columns).
     """
     brain = BrainSlices.load(brain_path)
+    if "brain" in cfg:   # settings that carry the brain section (the ablation's) must match the file
+        brain.check(cfg, brain_path)
     problem = PROBLEMS[experiment](cfg, brain, seed)
     sec = cfg[experiment]
     settings = TrainSettings(

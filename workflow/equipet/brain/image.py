@@ -213,6 +213,32 @@ class BrainSlices:
         return out
 
 
+    def mismatch(self, settings: Mapping[str, Any]) -> str | None:
+        """How these slices differ from what the ``brain`` settings make (size, source, held-out
+        offsets, the training slice when one is set), or None. A file made with other settings (say
+        the quick configuration's 64 x 64 image) must not be trained on by a run of these."""
+        cfg = _brain_section(settings)
+        size = int(cfg["size"])
+        if self.train.shape != (size, size):
+            return f"its image is {self.train.shape[0]} x {self.train.shape[1]}, brain.size is {size}"
+        if self.source != cfg["source"]:
+            return f"it was made from brain.source {self.source}, the settings say {cfg['source']}"
+        offsets = [int(o) for o in cfg["heldout_slices"]]
+        if list(self.heldout_offsets) != offsets:
+            return f"its held-out offsets are {list(self.heldout_offsets)}, brain.heldout_slices is {offsets}"
+        if cfg["slice"] is not None and self.train_index != int(cfg["slice"]):
+            return f"its training slice is {self.train_index}, brain.slice is {cfg['slice']}"
+        return None
+
+    def check(self, settings: Mapping[str, Any], path: str | Path) -> None:
+        """Raise :class:`ConfigError` naming the file and the field when :meth:`mismatch` finds a difference."""
+        why = self.mismatch(settings)
+        if why is not None:
+            raise ConfigError(f"the brain slices do not match the settings: {why}", where=str(path),
+                              fix="rebuild it with these settings (equipet-brain; snakemake reruns the brain rule "
+                                  "when its settings change), or pass the brain file made with them")
+
+
 def _brain_section(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The validated ``brain`` section, defaults filled, from a full config or the section itself."""
     import yaml
