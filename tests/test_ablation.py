@@ -170,6 +170,11 @@ def test_gpu_runner_writes_the_rules_outputs_so_snakemake_only_aggregates(tmp_pa
     assert stale.returncode == 0, stale.stdout + stale.stderr
     assert "made with other settings (its image is 16 x 16, brain.size is 32)" in stale.stdout
     assert BrainSlices.load(brain_file).train.shape == (32, 32)
+    brain_file.write_bytes(brain_file.read_bytes()[:100])   # a truncated file is made again too
+    cut = subprocess.run([sys.executable, "workflow/benchmarks/run_ablation.py", "--configfile", *configs,
+                          "--only", "screen"], cwd=work, capture_output=True, text=True, timeout=300, env=env)
+    assert cut.returncode == 0 and "made with other settings (unreadable:" in cut.stdout, cut.stdout + cut.stderr
+    assert BrainSlices.load(brain_file).train.shape == (32, 32)
 
 
 def test_training_refuses_a_brain_file_made_with_other_settings(tmp_path):

@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     stale = None
     if brain.exists():
         from equipet.brain.image import BrainSlices
-        stale = BrainSlices.load(brain).mismatch(cfg)
+        from equipet.errors import InputDataError
+        try:
+            stale = BrainSlices.load(brain).mismatch(cfg)
+        except InputDataError as exc:   # truncated or incomplete: made again too
+            stale = f"unreadable: {exc}"
         if stale:
             print(f"{brain} was made with other settings ({stale}): made again, as snakemake's brain rule would",
                   flush=True)

@@ -212,7 +212,6 @@ class BrainSlices:
                                  where=str(path), fix=fix)
         return out
 
-
     def mismatch(self, settings: Mapping[str, Any]) -> str | None:
         """How these slices differ from what the ``brain`` settings make (size, source, held-out
         offsets, the training slice when one is set), or None. A file made with other settings (say
