@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,7 +136,7 @@ def test_gpu_runner_writes_the_rules_outputs_so_snakemake_only_aggregates(tmp_pa
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(work / "workflow"))
     configs = ["config/config.yaml", "config/tiny.yaml"]
     proc = subprocess.run([sys.executable, "workflow/benchmarks/run_ablation.py", "--configfile", *configs,
-                           "--device", "cpu", "--jobs", "2", "--only", "all"],
+                           "--device", "cpu", "--jobs", "2", "--only", "all", "--archive", "archive"],
                           cwd=work, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     times = re.findall(r"^done (\S+): ([\d.]+) s wall$", proc.stdout, re.M)
@@ -152,6 +153,16 @@ def test_gpu_runner_writes_the_rules_outputs_so_snakemake_only_aggregates(tmp_pa
     # each run's timing.json says how many ran side by side (--jobs 2), for the contention rule
     timing = json.loads((work / "results/ablation/grid/denoise/scnn_c4/seed0/timing.json").read_text())
     assert timing["concurrent_jobs"] == 2
+    # --archive: each finished run's small files and the settings its numbers depend on
+    archive = work / "archive"
+    archived = sorted(p.parent.relative_to(archive).as_posix() for p in archive.rglob("metrics.csv"))
+    assert len(archived) == 10 and "grid/radon_recon/scnn_c4/seed0" in archived, archived
+    for run in archived:
+        assert {p.name for p in (archive / run).iterdir()} == {
+            "metrics.csv", "loss.csv", "timing.json", "configuration.json", "settings.json"}, run
+    c4_settings = json.loads((archive / "grid/denoise/scnn_c4/seed0/settings.json").read_text())
+    assert c4_settings["models"]["scnn"]["order"] == 4 and "device" not in c4_settings
+    assert [c["name"] for c in c4_settings["ablation"]["configurations"]] == ["scnn_c4"]
     # rerunning skips finished runs
     again = subprocess.run([sys.executable, "workflow/benchmarks/run_ablation.py", "--configfile", *configs,
                             "--only", "screen"], cwd=work, capture_output=True, text=True, timeout=300, env=env)
@@ -175,6 +186,40 @@ def test_gpu_runner_writes_the_rules_outputs_so_snakemake_only_aggregates(tmp_pa
                           "--only", "screen"], cwd=work, capture_output=True, text=True, timeout=300, env=env)
     assert cut.returncode == 0 and "made with other settings (unreadable:" in cut.stdout, cut.stdout + cut.stderr
     assert BrainSlices.load(brain_file).train.shape == (32, 32)
+
+    # a machine that keeps nothing but the archive: a run stopped after its last checkpoint
+    # (no metrics.csv yet) is archived as its checkpoint and snapshots, and resumed from them
+    results = work / "results" / "ablation"
+    first = {p.relative_to(results): pd.read_csv(p) for p in results.rglob("metrics.csv")}
+    stopped = Path("grid/denoise/scnn_c4/seed0")
+    (results / stopped / "metrics.csv").unlink()
+    saved = subprocess.run([sys.executable, "workflow/benchmarks/run_ablation.py", "--configfile", *configs,
+                            "--only", "all", "--archive", "kept", "--archive-only"],
+                           cwd=work, capture_output=True, text=True, timeout=300, env=env)
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    assert "9 archived, 1 checkpoints archived" in saved.stdout, saved.stdout
+    assert {p.relative_to(work / "kept" / stopped).as_posix() for p in (work / "kept" / stopped).rglob("*.*")} == {
+        "checkpoint.pt", "settings.json", "snapshots/epoch_000002.npy", "snapshots/epoch_000004.npy"}
+    shutil.rmtree(work / "results")
+    fresh = subprocess.run([sys.executable, "workflow/benchmarks/run_ablation.py", "--configfile", *configs,
+                            "--device", "cpu", "--jobs", "1", "--only", "all", "--archive", "kept"],
+                           cwd=work, capture_output=True, text=True, timeout=300, env=env)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert "9 restored, 1 checkpoints restored" in fresh.stdout, fresh.stdout
+    assert set(re.findall(r"^done (\S+):", fresh.stdout, re.M)) == {stopped.as_posix(), "select"}
+    assert json.loads((results / stopped / "timing.json").read_text())["resumed_from_epoch"] == 4
+    for rel, frame in first.items():
+        pd.testing.assert_frame_equal(pd.read_csv(results / rel), frame, check_exact=False, rtol=1e-6)
+    assert not (work / "kept" / stopped / "checkpoint.pt").exists()   # finished now: only its small files
+    # an archived run made with other settings is refused before anything starts, naming the field
+    edited = json.loads((work / "kept" / stopped / "settings.json").read_text())
+    edited["denoise"]["epochs"] = 3
+    (work / "kept" / stopped / "settings.json").write_text(json.dumps(edited))
+    refused = subprocess.run([sys.executable, "workflow/benchmarks/run_ablation.py", "--configfile", *configs,
+                              "--only", "all", "--archive", "kept"],
+                             cwd=work, capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode != 0
+    assert f"archived run {stopped.as_posix()}" in refused.stderr and "denoise.epochs differs" in refused.stderr
 
 
 def test_training_refuses_a_brain_file_made_with_other_settings(tmp_path):

@@ -16,6 +16,21 @@ confirmation, then the rest of the grid. Finished runs (``metrics.csv`` present)
 so the script can be rerun after an interruption. It prints the wall time of every run and a
 summary (runs, total and busiest time) at the end; a failed run is reported with its log and
 makes the exit status 1.
+
+``--archive DIR`` keeps the study across machines that do not keep their disks (a fresh clone, a
+borrowed GPU): each run that finishes has its small files (``metrics.csv``, ``loss.csv``,
+``timing.json``, ``configuration.json``, and the settings its numbers depend on as
+``settings.json``) copied to ``DIR/<grid|confirm>/<experiment>/<name>/seed<N>/``, and at the
+start every archived run missing from the results is copied back, so it counts as finished. An
+archived run trained with other settings than the current configuration's is refused (the
+message names the run and the first field that differs) rather than mixed into the tables. A
+tracked folder (``workflow/benchmarks/measured/cpu2_ablation_runs``) makes git the store.
+``--archive-only`` runs nothing: it copies the finished runs and, for each unfinished run, its
+latest ``checkpoint.pt`` and the snapshots made before it into the archive (stop the runner
+first), so that the next machine resumes that run where it stopped. ``eval.npz`` (the images,
+about 0.5 MB a run) is not archived: the tables and the claims (``equipet-ablation summarise``,
+``equipet-claims``) do not read it, but ``snakemake ablation`` would train a restored run again
+for it, so aggregate restored runs with those two commands.
 """
 
 from __future__ import annotations
@@ -23,10 +38,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -43,12 +60,108 @@ def _settings_file(cfg: dict, directory: Path, name: str) -> str:
     return f"@{path}"
 
 
+ARCHIVED_FILES = ("metrics.csv", "loss.csv", "timing.json", "configuration.json")
+CHECKPOINT = "checkpoint.pt"
+SNAPSHOTS = "snapshots"
+
+
+def _what_it_computes(cfg: dict, experiment: str, name: str | None = None) -> dict:
+    """The settings one run's numbers depend on (where and on what device it ran are left out):
+    the brain image, the experiment, the networks, training and evaluation, and the ablation
+    section (a grid run's own configuration only; a confirmation run depends on them all
+    through the selection). JSON-normalised, as it reads back from ``settings.json``."""
+    chosen = {k: cfg[k] for k in ("brain", experiment, "models", "training", "evaluation")}
+    chosen["ablation"] = dict(cfg["ablation"])
+    if name is not None:
+        chosen["ablation"]["configurations"] = [c for c in cfg["ablation"]["configurations"] if c["name"] == name]
+    return json.loads(json.dumps(chosen))
+
+
+def _first_difference(a: object, b: object, where: str = "") -> str | None:
+    """The dotted key of the first difference between two JSON-like values (None when equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{where}{key}"
+            found = _first_difference(a[key], b[key], f"{where}{key}.")
+            if found:
+                return found
+        return None
+    return None if a == b else where.rstrip(".") or "(the whole settings)"
+
+
+class Archive:
+    """Finished runs' small files (and unfinished runs' checkpoints) kept in a folder under git."""
+
+    def __init__(self, root: Path, results: Path) -> None:
+        self.root, self.results = root, results
+
+    def _archived(self, run_dir: Path) -> Path:
+        return self.root / run_dir.relative_to(self.results / "ablation")
+
+    def check(self, label: str, run_dir: Path, settings: dict) -> None:
+        """Refuse an archived run that was trained with other settings than ``settings``."""
+        saved = self._archived(run_dir) / "settings.json"
+        if not saved.exists():
+            return
+        try:
+            old = json.loads(saved.read_text())
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"error: {saved} is not valid JSON ({exc}); restore it with git or remove "
+                             f"{saved.parent} so that {label} is trained again") from None
+        differs = _first_difference(old, settings)
+        if differs:
+            raise SystemExit(f"error: the archived run {label} ({saved.parent}) was trained with other settings "
+                             f"than this configuration's: {differs} differs. Point --archive at an archive of this "
+                             f"configuration, or remove {saved.parent} to train {label} again")
+
+    def restore(self, run_dir: Path) -> str | None:
+        """Copy an archived run into ``run_dir``: ``"finished"`` (its files), ``"checkpoint"`` (an
+        unfinished run's checkpoint, where ``run_dir`` has none) or None (nothing copied)."""
+        src = self._archived(run_dir)
+        if not src.is_dir() or all((run_dir / n).exists() for n in ("metrics.csv", "configuration.json")):
+            return None
+        if all((src / n).exists() for n in ARCHIVED_FILES):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for name in ARCHIVED_FILES:
+                shutil.copy2(src / name, run_dir / name)
+            return "finished"
+        if (src / CHECKPOINT).exists() and not (run_dir / CHECKPOINT).exists():
+            (run_dir / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
+            for snap in sorted((src / SNAPSHOTS).glob("*.npy")):
+                if not (run_dir / SNAPSHOTS / snap.name).exists():
+                    shutil.copy2(snap, run_dir / SNAPSHOTS / snap.name)
+            shutil.copy2(src / CHECKPOINT, run_dir / CHECKPOINT)
+            return "checkpoint"
+        return None
+
+    def save(self, run_dir: Path, settings: dict, finished: bool) -> bool:
+        """Copy a finished run's files (or an unfinished one's checkpoint) into the archive."""
+        dst = self._archived(run_dir)
+        names = list(ARCHIVED_FILES) if finished else [CHECKPOINT]
+        if not all((run_dir / n).exists() for n in names):
+            return False
+        if not finished:   # a resumed run reads back the snapshots it made before its checkpoint
+            names += [f"{SNAPSHOTS}/{p.name}" for p in sorted((run_dir / SNAPSHOTS).glob("*.npy"))]
+        (dst / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            tmp = dst / f"{name}.part"
+            shutil.copy2(run_dir / name, tmp)
+            os.replace(tmp, dst / name)
+        (dst / "settings.json").write_text(json.dumps(settings, sort_keys=True, indent=1) + "\n")
+        if finished:   # what only an unfinished run needs
+            (dst / CHECKPOINT).unlink(missing_ok=True)
+            shutil.rmtree(dst / SNAPSHOTS, ignore_errors=True)
+        return True
+
+
 def _command(module: str, *args: str) -> list[str]:
     """``equipet-<module> args`` through this interpreter (works without the console scripts)."""
     return [sys.executable, "-c", f"from equipet.commands.{module} import main; main()", *args]
 
 
-def _run(label: str, cmd: list[str], log: Path, env: dict) -> tuple[str, float, int, Path]:
+def _run(label: str, cmd: list[str], log: Path, env: dict,
+         after: Callable[[], None] | None = None) -> tuple[str, float, int, Path]:
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "a") as fh:
@@ -56,13 +169,18 @@ def _run(label: str, cmd: list[str], log: Path, env: dict) -> tuple[str, float, 
     seconds = time.perf_counter() - t0
     print(f"{'done' if rc == 0 else 'FAILED'} {label}: {seconds:.1f} s wall" + ("" if rc == 0 else f" (log {log})"),
           flush=True)
+    if rc == 0 and after is not None:
+        after()
     return label, seconds, rc, log
 
 
-def _parallel(jobs: list[tuple[str, list[str], Path]], n: int, env: dict) -> list[tuple[str, float, int, Path]]:
+Job = tuple[str, list[str], Path, Callable[[], None] | None]   # label, command, log, what to do after
+
+
+def _parallel(jobs: list[Job], n: int, env: dict) -> list[tuple[str, float, int, Path]]:
     results = []
     with ThreadPoolExecutor(max_workers=max(1, n)) as pool:
-        futures = [pool.submit(_run, label, cmd, log, env) for label, cmd, log in jobs]
+        futures = [pool.submit(_run, label, cmd, log, env, after) for label, cmd, log, after in jobs]
         for f in as_completed(futures):
             results.append(f.result())
     return results
@@ -76,7 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=4, help="training processes at once on the device")
     p.add_argument("--only", choices=["screen", "confirm", "all"], default="all")
     p.add_argument("--dry-run", action="store_true", help="list the runs that would start, start none")
+    p.add_argument("--archive", type=Path, default=None, metavar="DIR",
+                   help="restore finished runs from DIR at the start and copy each run that finishes into it "
+                        "(a tracked folder keeps the study across fresh machines)")
+    p.add_argument("--archive-only", action="store_true",
+                   help="start nothing: copy the finished runs and the unfinished runs' checkpoints into --archive")
     args = p.parse_args(argv)
+    if args.archive_only and args.archive is None:
+        p.error("--archive-only needs --archive DIR")
 
     cfg = load_config([REPO / f if not Path(f).is_absolute() else f for f in args.configfile])
     if args.device:
@@ -94,24 +219,72 @@ def main(argv: list[str] | None = None) -> int:
                EQUIPET_CONCURRENT_JOBS=str(max(1, args.jobs)),
                PYTHONPATH=os.pathsep.join([str(REPO / "workflow"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     tmp = Path(tempfile.mkdtemp(prefix="equipet-ablation-"))
+    archive = Archive(args.archive if args.archive.is_absolute() else Path.cwd() / args.archive, results) \
+        if args.archive else None
+    counts = {"restored": 0, "checkpoints restored": 0, "archived": 0, "checkpoints archived": 0}
+    starts_nothing = args.dry_run or args.archive_only
     all_results: list[tuple[str, float, int, Path]] = []
     t_start = time.perf_counter()
 
-    def todo(dirs_and_cmds: list[tuple[str, Path, list[str]]]) -> list[tuple[str, list[str], Path]]:
-        out = []
-        for label, run_dir, cmd in dirs_and_cmds:
-            if (run_dir / "metrics.csv").exists() and (run_dir / "configuration.json").exists():
+    def finished(run_dir: Path) -> bool:
+        return (run_dir / "metrics.csv").exists() and (run_dir / "configuration.json").exists()
+
+    def todo(runs: list[tuple[str, Path, list[str], dict]]) -> list[Job]:
+        out: list[Job] = []
+        for label, run_dir, cmd, settings in runs:
+            if archive is not None:
+                if args.archive_only:
+                    done = finished(run_dir)
+                    if archive.save(run_dir, settings, finished=done):
+                        counts["archived" if done else "checkpoints archived"] += 1
+                        print(f"archived {label}: {'finished' if done else 'its checkpoint'}", flush=True)
+                    continue
+                restored = archive.restore(run_dir)
+                if restored:
+                    counts["restored" if restored == "finished" else "checkpoints restored"] += 1
+                    print(f"restored {label} from {archive.root}: "
+                          + ("finished" if restored == "finished" else "its checkpoint, to resume from"), flush=True)
+            if finished(run_dir):
                 print(f"skip {label}: finished", flush=True)
+                if archive is not None and archive.save(run_dir, settings, finished=True):
+                    counts["archived"] += 1
                 continue
-            out.append((label, cmd, logs / f"{label.replace('/', '_')}.log"))
+            after = (lambda d=run_dir, st=settings: archive.save(d, st, finished=True)) if archive else None
+            out.append((label, cmd, logs / f"{label.replace('/', '_')}.log", after))
         return out
 
-    def go(jobs: list[tuple[str, list[str], Path]]) -> None:
-        if args.dry_run:
-            for label, cmd, _ in jobs:
+    def go(jobs: list[Job]) -> None:
+        if starts_nothing:
+            for label, *_ in jobs:
                 print("would run", label, flush=True)
             return
         all_results.extend(_parallel(jobs, args.jobs, env))
+
+    def grid_job(experiment: str, name: str, seed: int) -> tuple[str, Path, list[str], dict]:
+        conf = ablation.configuration(cfg, name)
+        merged = ablation.configuration_config(cfg, conf)
+        run_dir = ablation.grid_dir(results, experiment, name, seed)
+        settings = _settings_file(merged, tmp, f"{experiment}_{name}")
+        return (f"grid/{experiment}/{name}/seed{seed}", run_dir,
+                _command("study.ablation", "train", "--settings", settings, "--brain", str(brain),
+                         "--experiment", experiment, "--configuration", name, "--seed", str(seed),
+                         "--out-dir", str(run_dir)), _what_it_computes(merged, experiment, name))
+
+    screen = ablation.screen_runs(cfg)
+    selection = ablation.selection_path(results)
+    confirm_settings = _settings_file(cfg, tmp, "confirm")
+    stages = {
+        "screen": [grid_job(*r) for r in screen],
+        "confirm": [(f"confirm/{e}/{m}/seed{s}", ablation.confirm_dir(results, e, m, s),
+                     _command("study.ablation", "train", "--settings", confirm_settings, "--brain", str(brain),
+                              "--experiment", e, "--selection", str(selection), "--model", m, "--seed", str(s),
+                              "--out-dir", str(ablation.confirm_dir(results, e, m, s))), _what_it_computes(cfg, e))
+                    for e, m, s in ablation.confirm_runs(cfg)],
+        "rest": [grid_job(*r) for r in ablation.grid_runs(cfg) if r not in screen],
+    }
+    if archive is not None:   # every archived run is checked before anything starts
+        for label, run_dir, _, settings in (run for runs in stages.values() for run in runs):
+            archive.check(label, run_dir, settings)
 
     stale = None
     if brain.exists():
@@ -124,38 +297,23 @@ def main(argv: list[str] | None = None) -> int:
         if stale:
             print(f"{brain} was made with other settings ({stale}): made again, as snakemake's brain rule would",
                   flush=True)
-    if (stale or not brain.exists()) and not args.dry_run:
+    if (stale or not brain.exists()) and not starts_nothing:
         go([("brain", _command("brain.image", "--settings", _settings_file(cfg, tmp, "brain"), "--out", str(brain),
-                               "--preview", str(brain.with_suffix(".png"))), logs / "brain.log")])
+                               "--preview", str(brain.with_suffix(".png"))), logs / "brain.log", None)])
 
-    def grid_job(experiment: str, name: str, seed: int) -> tuple[str, Path, list[str]]:
-        conf = ablation.configuration(cfg, name)
-        merged = ablation.configuration_config(cfg, conf)
-        run_dir = ablation.grid_dir(results, experiment, name, seed)
-        settings = _settings_file(merged, tmp, f"{experiment}_{name}")
-        return (f"grid/{experiment}/{name}/seed{seed}", run_dir,
-                _command("study.ablation", "train", "--settings", settings, "--brain", str(brain),
-                         "--experiment", experiment, "--configuration", name, "--seed", str(seed),
-                         "--out-dir", str(run_dir)))
-
-    screen = ablation.screen_runs(cfg)
     if args.only in ("screen", "all"):
-        go(todo([grid_job(*r) for r in screen]))
+        go(todo(stages["screen"]))
     if args.only in ("confirm", "all"):
-        selection = ablation.selection_path(results)
         screen_dirs = [str(ablation.grid_dir(results, *r)) for r in screen]
-        if not args.dry_run:
+        if not starts_nothing:
             go([("select", _command("study.ablation", "select", "--runs", *screen_dirs, "--out", str(selection)),
-                 logs / "selection.log")])
-        settings = _settings_file(cfg, tmp, "confirm")
-        go(todo([(f"confirm/{e}/{m}/seed{s}", ablation.confirm_dir(results, e, m, s),
-                  _command("study.ablation", "train", "--settings", settings, "--brain", str(brain), "--experiment", e,
-                           "--selection", str(selection), "--model", m, "--seed", str(s),
-                           "--out-dir", str(ablation.confirm_dir(results, e, m, s))))
-                 for e, m, s in ablation.confirm_runs(cfg)]))
+                 logs / "selection.log", None)])
+        go(todo(stages["confirm"]))
     if args.only == "all":
-        go(todo([grid_job(*r) for r in ablation.grid_runs(cfg) if r not in screen]))
+        go(todo(stages["rest"]))
 
+    if archive is not None:
+        print(f"archive {archive.root}: " + ", ".join(f"{v} {k}" for k, v in counts.items()), flush=True)
     wall = time.perf_counter() - t_start
     failed = [r for r in all_results if r[2] != 0]
     if all_results:
