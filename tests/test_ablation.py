@@ -211,6 +211,21 @@ def test_gpu_runner_writes_the_rules_outputs_so_snakemake_only_aggregates(tmp_pa
     for rel, frame in first.items():
         pd.testing.assert_frame_equal(pd.read_csv(results / rel), frame, check_exact=False, rtol=1e-6)
     assert not (work / "kept" / stopped / "checkpoint.pt").exists()   # finished now: only its small files
+    # the measured tables come from the archive alone: the same summary as from the results folder
+    tables = subprocess.run([sys.executable, "workflow/benchmarks/ablation_tables.py", "--configfile", *configs,
+                             "--archive", "kept", "--out-prefix", "tables_"],
+                            cwd=work, capture_output=True, text=True, timeout=300, env=env)
+    assert tables.returncode == 0, tables.stdout + tables.stderr
+    summary = pd.read_csv(work / "tables_ablation.csv")
+    assert len(summary) == 6 + 4 and set(summary["n_seeds"]) == {1}
+    c4_row = summary[(summary.configuration == "scnn_c4") & (summary.experiment == "denoise")].iloc[0]
+    c4_train = first[stopped / "metrics.csv"].query("split == 'train' and epoch == 4 and metric == 'psnr'")
+    assert c4_row["psnr_train_mean"] == pytest.approx(c4_train["value"].mean(), rel=1e-9)
+    per_run = pd.read_csv(work / "tables_ablation_runs.csv").set_index("run")
+    assert per_run.loc[stopped.as_posix(), "resumed_from_epoch"] == 4 and len(per_run) == 10
+    for rules in ("", "_rules2"):
+        claims = pd.read_csv(work / f"tables_paper_claims_ablation{rules}.csv")
+        assert {"confirmation", "grid"} <= set(claims["scope"]) and claims["verdict"].notna().all()
     # an archived run made with other settings is refused before anything starts, naming the field
     edited = json.loads((work / "kept" / stopped / "settings.json").read_text())
     edited["denoise"]["epochs"] = 3

@@ -1,0 +1,98 @@
+"""The ablation's measured tables from an archive of its runs (``run_ablation.py --archive``).
+
+    python workflow/benchmarks/ablation_tables.py --archive workflow/benchmarks/measured/cpu2_ablation_runs \\
+        --out-prefix workflow/benchmarks/measured/cpu2_
+
+writes, over the archive's finished runs (every grid and confirmation run whose
+``metrics.csv``, ``loss.csv``, ``timing.json`` and ``configuration.json`` are there):
+
+* ``<prefix>ablation.csv``: ``equipet-ablation summarise``, one row per stage, task and
+  configuration, mean and sd over the seeds that exist (``n_seeds``);
+* ``<prefix>paper_claims_ablation.csv`` and ``<prefix>paper_claims_ablation_rules2.csv``:
+  ``equipet-claims`` under rules 1 and 2 over the same runs; a claim whose runs are not all
+  there is *not comparable*, as the rules say;
+* ``<prefix>ablation_runs.csv``: one row per run from its ``timing.json`` (epochs, training
+  time summed over resumes, seconds per epoch, the epoch it last resumed from, the training
+  processes side by side, the 1-minute load average at its end, device and torch).
+
+The settings (``assisted.plateau`` for the claims) come from ``--configfile``, as for the runner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "workflow"))
+
+from equipet.config import load_config  # noqa: E402
+
+RUN_FILES = ("metrics.csv", "loss.csv", "timing.json", "configuration.json")
+
+
+def finished_runs(archive: Path) -> list[Path]:
+    """The archive's run folders that hold every file the tables read, in a stable order."""
+    return sorted(d for d in {p.parent for p in archive.rglob("metrics.csv")}
+                  if all((d / f).exists() for f in RUN_FILES))
+
+
+def run_rows(archive: Path, runs: list[Path]) -> pd.DataFrame:
+    rows = []
+    for d in runs:
+        t = json.loads((d / "timing.json").read_text())
+        rows.append({
+            "run": d.relative_to(archive).as_posix(), "epochs": t["epochs"], "total_s": round(t["total_s"], 1),
+            "s_per_epoch": t["s_per_epoch"], "resumed_from_epoch": t.get("resumed_from_epoch"),
+            "concurrent_jobs": t.get("concurrent_jobs"), "load_average_1min": (t.get("load_average_end") or [None])[0],
+            "device": t["device"], "torch": t["torch"],
+        })
+    return pd.DataFrame(rows)
+
+
+def _equipet(module: str, *args: str) -> None:
+    """``equipet-<module> args`` through this interpreter; its output is shown only when it fails."""
+    cmd = [sys.executable, "-c", f"from equipet.commands.{module} import main; main()", *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "workflow"), MPLBACKEND="Agg")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: equipet {module} {args[0]} failed:\n{proc.stdout}{proc.stderr}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configfile", nargs="+", default=["config/config.yaml", "config/ablation.yaml"])
+    p.add_argument("--archive", type=Path, required=True, help="the folder run_ablation.py --archive wrote")
+    p.add_argument("--out-prefix", required=True, help="path prefix of the tables, e.g. .../measured/cpu2_")
+    args = p.parse_args(argv)
+    cfg = load_config([REPO / f if not Path(f).is_absolute() else f for f in args.configfile])
+    runs = finished_runs(args.archive)
+    if not runs:
+        raise SystemExit(f"error: {args.archive} holds no finished run (folders with {', '.join(RUN_FILES)}); "
+                         "run workflow/benchmarks/run_ablation.py with --archive first")
+    prefix = args.out_prefix
+    settings = json.dumps({k: cfg[k] for k in ("device", "seeds", "results_dir", "assisted")}, sort_keys=True)
+    dirs = [str(d) for d in runs]
+    with tempfile.TemporaryDirectory() as tmp:
+        _equipet("study.ablation", "summarise", "--settings", settings, "--runs", *dirs,
+                 "--table", f"{prefix}ablation.csv", "--metrics", f"{tmp}/ablation_metrics.csv",
+                 "--loss-figure", f"{tmp}/loss.png", "--quality-figure", f"{tmp}/quality.png")
+        metrics = [str(d / "metrics.csv") for d in runs]
+        for rules, name in ((1, "paper_claims_ablation.csv"), (2, "paper_claims_ablation_rules2.csv")):
+            _equipet("study.claims", "--settings", settings, "--metrics", *metrics, "--runs", *dirs,
+                     "--out", f"{prefix}{name}", "--rules", str(rules))
+    run_rows(args.archive, runs).to_csv(f"{prefix}ablation_runs.csv", index=False)
+    print(f"{len(runs)} finished runs of {args.archive}: wrote {prefix}ablation.csv, {prefix}ablation_runs.csv, "
+          f"{prefix}paper_claims_ablation.csv, {prefix}paper_claims_ablation_rules2.csv", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
