@@ -16,11 +16,14 @@ CHECKOUT_PARTS = ["Snakefile", "workflow", "config", "envs"]
 
 
 def copy_checkout(dst: Path) -> Path:
-    """Copy the workflow into ``dst`` so that test runs never touch the developer's results/."""
+    """Copy the workflow into ``dst`` so that test runs never touch the developer's results/.
+
+    ``workflow/benchmarks/measured/`` (the committed tables and the ablation's archived runs,
+    megabytes that grow with the study) is left out: no run reads it."""
     for name in CHECKOUT_PARTS:
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "measured"))
         else:
             shutil.copy2(src, dst / name)
     return dst
