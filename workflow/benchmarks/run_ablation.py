@@ -141,9 +141,10 @@ class Archive:
         names = list(ARCHIVED_FILES) if finished else [CHECKPOINT]
         if not all((run_dir / n).exists() for n in names):
             return False
+        dst.mkdir(parents=True, exist_ok=True)
         if not finished:   # a resumed run reads back the snapshots it made before its checkpoint
             names += [f"{SNAPSHOTS}/{p.name}" for p in sorted((run_dir / SNAPSHOTS).glob("*.npy"))]
-        (dst / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
+            (dst / SNAPSHOTS).mkdir(exist_ok=True)
         for name in names:
             tmp = dst / f"{name}.part"
             shutil.copy2(run_dir / name, tmp)
