@@ -24,24 +24,20 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "workflow"))
+from run_ablation import ARCHIVED_FILES, REPO, _command  # this folder: the runner that writes the archive
 
-from equipet.config import load_config  # noqa: E402
-
-RUN_FILES = ("metrics.csv", "loss.csv", "timing.json", "configuration.json")
+from equipet.config import load_config
 
 
 def finished_runs(archive: Path) -> list[Path]:
     """The archive's run folders that hold every file the tables read, in a stable order."""
     return sorted(d for d in {p.parent for p in archive.rglob("metrics.csv")}
-                  if all((d / f).exists() for f in RUN_FILES))
+                  if all((d / f).exists() for f in ARCHIVED_FILES))
 
 
 def run_rows(archive: Path, runs: list[Path]) -> pd.DataFrame:
@@ -59,9 +55,8 @@ def run_rows(archive: Path, runs: list[Path]) -> pd.DataFrame:
 
 def _equipet(module: str, *args: str) -> None:
     """``equipet-<module> args`` through this interpreter; its output is shown only when it fails."""
-    cmd = [sys.executable, "-c", f"from equipet.commands.{module} import main; main()", *args]
     env = dict(os.environ, PYTHONPATH=str(REPO / "workflow"), MPLBACKEND="Agg")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(_command(module, *args), env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: equipet {module} {args[0]} failed:\n{proc.stdout}{proc.stderr}")
 
@@ -75,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config([REPO / f if not Path(f).is_absolute() else f for f in args.configfile])
     runs = finished_runs(args.archive)
     if not runs:
-        raise SystemExit(f"error: {args.archive} holds no finished run (folders with {', '.join(RUN_FILES)}); "
+        raise SystemExit(f"error: {args.archive} holds no finished run (folders with {', '.join(ARCHIVED_FILES)}); "
                          "run workflow/benchmarks/run_ablation.py with --archive first")
     prefix = args.out_prefix
     settings = json.dumps({k: cfg[k] for k in ("device", "seeds", "results_dir", "assisted")}, sort_keys=True)
