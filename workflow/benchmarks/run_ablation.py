@@ -115,13 +115,16 @@ class Archive:
                              f"than this configuration's: {differs} differs. Point --archive at an archive of this "
                              f"configuration, or remove {saved.parent} to train {label} again")
 
+    def holds_finished(self, run_dir: Path) -> bool:
+        return all((self._archived(run_dir) / n).exists() for n in ARCHIVED_FILES)
+
     def restore(self, run_dir: Path) -> str | None:
         """Copy an archived run into ``run_dir``: ``"finished"`` (its files), ``"checkpoint"`` (an
         unfinished run's checkpoint, where ``run_dir`` has none) or None (nothing copied)."""
         src = self._archived(run_dir)
         if not src.is_dir() or all((run_dir / n).exists() for n in ("metrics.csv", "configuration.json")):
             return None
-        if all((src / n).exists() for n in ARCHIVED_FILES):
+        if self.holds_finished(run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             for name in ARCHIVED_FILES:
                 shutil.copy2(src / name, run_dir / name)
@@ -247,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                           + ("finished" if restored == "finished" else "its checkpoint, to resume from"), flush=True)
             if finished(run_dir):
                 print(f"skip {label}: finished", flush=True)
-                if archive is not None and archive.save(run_dir, settings, finished=True):
+                # a run finished before --archive was given is archived now; one already there is left
+                if archive is not None and not archive.holds_finished(run_dir) \
+                        and archive.save(run_dir, settings, finished=True):
                     counts["archived"] += 1
                 continue
             after = (lambda d=run_dir, st=settings: archive.save(d, st, finished=True)) if archive else None
