@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from equipet.assisted.methods import ListmodeLeastSquaresLoss, ListmodePoissonLoss, NonNegativeOutput, PlateauStop, SliceForwardModel, SubsetPoissonLoss, plateau_epoch, run_assisted
+from equipet.assisted.methods import ListmodeLeastSquaresLoss, ListmodePoissonLoss, NonNegativeOutput, PlateauStop, SliceForwardModel, SubsetPoissonLoss, run_assisted
+from equipet.runs import plateau_epoch
 from equipet.commands.assisted.methods import main
 from equipet.reconstruction.projector import ImageGeometry, ListmodeTOFProjector, tof_fwhm_mm
 from equipet.assisted.rod_metrics import pair_vpr, valley_to_peak

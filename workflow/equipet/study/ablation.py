@@ -229,7 +229,7 @@ def select(run_dirs: Sequence[Path]) -> dict[str, Any]:
 
 def collect(run_dirs: Sequence[Path], window: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(tidy metrics with configuration columns, loss curves, one row of numbers per run)."""
-    from equipet.assisted.methods import running_mean
+    from equipet.runs import running_mean
 
     metrics, losses, runs = [], [], []
     for d in run_dirs:
@@ -407,7 +407,7 @@ def loss_rise(losses: Sequence[float] | np.ndarray, window: int) -> float:
     >>> round(loss_rise([1.0, 10.0, 1.0, 0.1], 1), 6)    # one rise by a decade
     1.0
     """
-    from equipet.assisted.methods import running_mean
+    from equipet.runs import running_mean
 
     l = np.asarray(losses, dtype=float)
     if l.size < 2 or not np.all(np.isfinite(l)) or np.any(l <= 0):

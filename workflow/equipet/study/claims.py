@@ -51,9 +51,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from equipet.assisted.methods import plateau_epoch, running_mean
+from equipet.runs import plateau_epoch, run_labels, running_mean
 from equipet.study.ablation import loss_instability, loss_rise, read_labels
-from equipet.runs import run_labels
 from equipet.errors import InputDataError
 from equipet.files import atomic_path
 
