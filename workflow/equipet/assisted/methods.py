@@ -80,7 +80,7 @@ import torch
 
 from equipet.errors import ConfigError, InputDataError
 from equipet.files import atomic_path
-from equipet.runs import loss_summary, plateau_epoch, running_mean  # noqa: F401  (re-exported)
+from equipet.runs import loss_summary
 from equipet.assisted.central_slice import slice_projector
 from equipet.reconstruction.projector import ImageGeometry, ListmodeTOFProjector, SparseSystemMatrix
 from equipet.networks.nets import SOFTPLUS_BETA, NonNegativeOutput  # noqa: F401  (SOFTPLUS_BETA: documented here)
@@ -547,5 +547,5 @@ def run_assisted_group(cfg: Mapping[str, Any], slice_path: Path, runs: Sequence[
 
 
 __all__ = ["ListmodePoissonLoss", "ListmodeLeastSquaresLoss", "SubsetPoissonLoss", "SliceForwardModel",
-           "NonNegativeOutput", "PlateauStop", "plateau_epoch", "running_mean", "loss_summary", "build_loss",
+           "NonNegativeOutput", "PlateauStop", "build_loss",
            "load_system", "run_assisted", "run_assisted_group", "run_dir", "METHODS", "ImageGeometry"]
