@@ -9,10 +9,12 @@ import only each other. No module may reach itself through its imports (no impor
 from __future__ import annotations
 
 import ast
+import builtins
 from pathlib import Path
 
 
 PACKAGE = Path(__file__).resolve().parents[1] / "workflow" / "equipet"
+BENCHMARKS = PACKAGE.parent / "benchmarks"
 #: the layers, lowest first; a module imports only from its own subpackage or lower layers
 LAYERS = {"": 0, "simulation": 1, "networks": 1, "reconstruction": 2, "brain": 2, "assisted": 3, "study": 4,
           "commands": 5}
@@ -84,6 +86,51 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if m not in state and (found := visit(m)):
             return found
     return None
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+            and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in node.test.comparators))
+
+
+def _bound_names(node: ast.stmt) -> set[str]:
+    """The module-level names one top-level statement binds."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    if isinstance(node, (ast.If, ast.Try, ast.With)):
+        return {n for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt) for n in _bound_names(child)}
+    return set()
+
+
+def unbound_main_calls(source: str) -> list[str]:
+    """Names a ``__main__`` block calls that the module has not bound above it (builtins allowed)."""
+    bound = set(dir(builtins))
+    missing = []
+    for node in ast.parse(source).body:
+        if _is_main_guard(node):
+            for call in (n for n in ast.walk(node) if isinstance(n, ast.Call)):
+                if isinstance(call.func, ast.Name) and call.func.id not in bound:
+                    missing.append(call.func.id)
+        bound |= _bound_names(node)
+    return missing
+
+
+def test_main_blocks_call_what_the_module_defines():
+    files = sorted(PACKAGE.rglob("*.py")) + sorted(BENCHMARKS.glob("*.py"))
+    wrong = {str(p.relative_to(PACKAGE.parents[1])): m for p in files if (m := unbound_main_calls(p.read_text()))}
+    assert not wrong, f"__main__ blocks that call names not defined above them: {wrong}"
+
+
+def test_the_main_block_check_can_fail():
+    assert unbound_main_calls('if __name__ == "__main__":\n    main()\n\ndef main():\n    pass\n') == ["main"]
+    assert unbound_main_calls('from x import main\nif __name__ == "__main__":\n    main()\n') == []
+    assert unbound_main_calls('def main():\n    pass\nif __name__ == "__main__":\n    raise SystemExit(main())\n') == []
 
 
 def test_every_subpackage_has_a_layer():

@@ -358,11 +358,7 @@ def quality_figure(runs: pd.DataFrame, out: Path) -> None:
     _save(g.figure, out)
 
 
-# --------------------------------------------------------------------------- command line
-
-
-if __name__ == "__main__":
-    main()
+# --------------------------------------------------------------------------- loss-curve measures
 
 
 def loss_instability(losses: Sequence[float] | np.ndarray) -> float:

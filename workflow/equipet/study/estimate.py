@@ -645,17 +645,13 @@ def report(stages: Sequence[Stage], costs: Costs, cfg: Mapping[str, Any], config
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- machine
 
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
-
-
-if __name__ == "__main__":
-    main()
 
 
 __all__ = ["Job", "Costs", "Stage", "parse_dry_run", "dry_run_jobs", "load_run_config", "calibrate", "estimate",
