@@ -86,6 +86,57 @@ def test_selection_picks_the_best_paper_consistent_run_of_each_network(tmp_path)
         ablation.select(runs[:3])
 
 
+def test_time_left_uses_each_networks_measured_rate_and_the_nearest_projector_overhead():
+    """The runs left and their time, from made-up rates with a known answer: the same network's
+    median (a learning rate or a noisy Radon input does not change it), the Radon overhead of
+    the same model's nearest network, nothing borrowed across models or from runs side by side."""
+    cfg = load_config([REPO / "config" / "config.yaml"])
+    cfg["ablation"] = {"seeds": [0, 1], "screen_seed": 0, "confirm_seeds": [7], "configurations": [
+        {"name": "s_small", "model": "scnn", "paper_consistent": True},
+        {"name": "s_lr", "model": "scnn", "paper_consistent": True, "changes": {"training": {"learning_rate": 0.01}}},
+        {"name": "s_wide", "model": "scnn", "paper_consistent": True, "changes": {"models": {"scnn": {"fields": 24}}}},
+        {"name": "s_wider", "model": "scnn", "paper_consistent": True, "changes": {"models": {"scnn": {"fields": 32}}}},
+        {"name": "s_c4", "model": "scnn", "paper_consistent": False, "changes": {"models": {"scnn": {"order": 4}}}},
+        {"name": "s_noisy", "model": "scnn", "paper_consistent": False, "experiments": ["radon_recon"],
+         "changes": {"radon_recon": {"counts": 1000}}},
+        {"name": "c_paper", "model": "cnn", "paper_consistent": True}]}
+    den, rad = cfg["denoise"]["epochs"], cfg["radon_recon"]["epochs"]
+    finished = pd.DataFrame([
+        ("grid/denoise/s_small/seed0", "s_small", 1000, 0.050, 1),
+        ("grid/denoise/s_lr/seed0", "s_lr", 1000, 0.060, 1),          # same network: pooled, median 0.058
+        ("grid/radon_recon/s_small/seed0", "s_small", 1000, 0.080, 1),  # overhead 0.080 - 0.058 = 0.022
+        ("grid/denoise/s_wide/seed0", "s_wide", 8000, 0.300, 1),
+        ("grid/radon_recon/s_wide/seed0", "s_wide", 8000, 0.340, 1),    # overhead 0.040
+        ("grid/denoise/s_c4/seed0", "s_c4", 600, 0.020, 1),             # nearer s_small (600 vs 1000 parameters)
+        ("grid/denoise/c_paper/seed0", "c_paper", 5000, 0.100, 1),
+        ("grid/denoise/s_wide/seed1", "s_wide", 8000, 9.000, 2),        # trained beside another: no rate
+        ("grid/denoise/s_wider/seed0", "s_wider", 9000, 0.500, 1),      # nearer s_wide (9000 vs 8000)
+        ("confirm/denoise/scnn/seed7", "s_lr", 1000, 0.058, 1),
+    ], columns=["run", "configuration", "n_parameters", "s_per_epoch", "concurrent_jobs"])
+    left = ablation.time_left(cfg, finished, resumed_at={"grid/denoise/s_small/seed1": 300}).set_index("run")
+    assert set(left.index) == ({f"grid/{e}/{c}/seed{s}" for e, c, s in ablation.grid_runs(cfg)} | {
+        f"confirm/{e}/{m}/seed7" for e in ablation.EXPERIMENTS for m in ("scnn", "cnn")}) - set(finished["run"])
+    expected = {
+        "grid/denoise/s_small/seed1": 0.058 * (den - 300),   # from its checkpoint's epoch on
+        "grid/denoise/s_lr/seed1": 0.058 * den,
+        "grid/radon_recon/s_lr/seed1": 0.080 * rad,
+        "grid/radon_recon/s_noisy/seed0": 0.080 * rad,
+        "grid/radon_recon/s_wide/seed1": 0.340 * rad,
+        "grid/radon_recon/s_c4/seed0": (0.020 + 0.022) * rad,
+        "grid/radon_recon/s_wider/seed0": (0.500 + 0.040) * rad,
+        "confirm/radon_recon/scnn/seed7": 0.080 * rad,       # the configuration of its finished seed
+        "grid/denoise/c_paper/seed1": 0.100 * den,
+    }
+    for run, seconds in expected.items():
+        assert left.loc[run, "estimate_s"] == pytest.approx(seconds, rel=1e-12), run
+    assert "s_small" in left.loc["grid/radon_recon/s_c4/seed0", "basis"]
+    assert "s_wide's" in left.loc["grid/radon_recon/s_wider/seed1", "basis"]
+    for run in ("grid/radon_recon/c_paper/seed0", "confirm/denoise/cnn/seed7"):   # no CNN Radon run, no selection
+        assert pd.isna(left.loc[run, "estimate_s"]), run
+    chosen = ablation.time_left(cfg, finished, selection={"cnn": "c_paper"}).set_index("run")
+    assert chosen.loc["confirm/denoise/cnn/seed7", "estimate_s"] == pytest.approx(0.100 * den)
+
+
 def test_snakemake_ablation_dry_run_plans_every_configuration_and_seed(tmp_path):
     """Acceptance: >= 10 configurations x 3 seeds for each of denoising and Radon, then the
     selection, the confirmation (2 networks x 3 fresh seeds x 2 tasks) and the summary."""
@@ -221,6 +272,7 @@ def test_gpu_runner_writes_the_rules_outputs_so_snakemake_only_aggregates(tmp_pa
     c4_row = summary[(summary.configuration == "scnn_c4") & (summary.experiment == "denoise")].iloc[0]
     c4_train = first[stopped / "metrics.csv"].query("split == 'train' and epoch == 4 and metric == 'psnr'")
     assert c4_row["psnr_train_mean"] == pytest.approx(c4_train["value"].mean(), rel=1e-9)
+    assert pd.read_csv(work / "tables_ablation_left.csv").empty and "0 runs left" in tables.stdout
     per_run = pd.read_csv(work / "tables_ablation_runs.csv").set_index("run")
     assert per_run.loc[stopped.as_posix(), "resumed_from_epoch"] == 4 and len(per_run) == 10
     for rules in ("", "_rules2"):

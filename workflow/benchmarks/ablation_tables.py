@@ -13,7 +13,11 @@ writes, over the archive's finished runs (every grid and confirmation run whose
   there is *not comparable*, as the rules say;
 * ``<prefix>ablation_runs.csv``: one row per run from its ``timing.json`` (epochs, training
   time summed over resumes, seconds per epoch, the epoch it last resumed from, the training
-  processes side by side, the 1-minute load average at its end, device and torch).
+  processes side by side, the 1-minute load average at its end, device and torch);
+* ``<prefix>ablation_left.csv``: every run of the configuration not finished in the archive, the
+  epochs it has left (from its archived checkpoint, if any) and the time it should take at the
+  rates the archive's runs measured (``equipet.study.ablation.time_left``, which says how); the
+  total is printed.
 
 The settings (``assisted.plateau`` for the claims) come from ``--configfile``, as for the runner.
 """
@@ -29,9 +33,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from run_ablation import ARCHIVED_FILES, REPO, _command  # this folder: the runner that writes the archive
+from run_ablation import ARCHIVED_FILES, CHECKPOINT, REPO, _command  # this folder: the runner that writes the archive
 
 from equipet.config import load_config
+from equipet.study import ablation
 
 
 def finished_runs(archive: Path) -> list[Path]:
@@ -51,6 +56,29 @@ def run_rows(archive: Path, runs: list[Path]) -> pd.DataFrame:
             "device": t["device"], "torch": t["torch"],
         })
     return pd.DataFrame(rows)
+
+
+def finished_frame(archive: Path, runs: list[Path]) -> pd.DataFrame:
+    """The finished runs as :func:`equipet.study.ablation.time_left` reads them."""
+    rows = []
+    for d in runs:
+        t = json.loads((d / "timing.json").read_text())
+        rows.append({"run": d.relative_to(archive).as_posix(), "configuration": ablation.read_labels(d)["configuration"],
+                     "n_parameters": t["n_parameters"], "s_per_epoch": t["s_per_epoch"],
+                     "concurrent_jobs": t.get("concurrent_jobs", 1)})
+    return pd.DataFrame(rows)
+
+
+def checkpoint_epochs(archive: Path) -> dict[str, int]:
+    """The epoch of each unfinished run's archived checkpoint (``run_ablation.py --archive-only``)."""
+    import torch
+
+    out = {}
+    for ckpt in sorted(archive.rglob(CHECKPOINT)):
+        if not (ckpt.parent / "metrics.csv").exists():
+            out[ckpt.parent.relative_to(archive).as_posix()] = int(
+                torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"])
+    return out
 
 
 def _equipet(module: str, *args: str) -> None:
@@ -84,8 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             _equipet("study.claims", "--settings", settings, "--metrics", *metrics, "--runs", *dirs,
                      "--out", f"{prefix}{name}", "--rules", str(rules))
     run_rows(args.archive, runs).to_csv(f"{prefix}ablation_runs.csv", index=False)
+    left = ablation.time_left(cfg, finished_frame(args.archive, runs), checkpoint_epochs(args.archive))
+    left.round({"s_per_epoch": 5, "estimate_s": 0}).to_csv(f"{prefix}ablation_left.csv", index=False)
     print(f"{len(runs)} finished runs of {args.archive}: wrote {prefix}ablation.csv, {prefix}ablation_runs.csv, "
-          f"{prefix}paper_claims_ablation.csv, {prefix}paper_claims_ablation_rules2.csv", flush=True)
+          f"{prefix}ablation_left.csv, {prefix}paper_claims_ablation.csv, {prefix}paper_claims_ablation_rules2.csv",
+          flush=True)
+    unknown = int(left["estimate_s"].isna().sum())
+    print(f"{len(left)} runs left: about {left['estimate_s'].sum() / 3600:.1f} h at the archive's measured rates"
+          + (f" ({unknown} without an estimate; the table's basis column says why)" if unknown else ""), flush=True)
     return 0
 
 

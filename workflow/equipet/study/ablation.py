@@ -411,3 +411,89 @@ def loss_rise(losses: Sequence[float] | np.ndarray, window: int) -> float:
     m = np.log10(running_mean(l, window))
     k_min = int(np.argmin(m))
     return float(np.clip(np.diff(m[: k_min + 1]), 0.0, None).sum())
+
+
+# --------------------------------------------------------------------------- time left
+
+
+def _network_key(cfg: Mapping[str, Any], conf: Configuration) -> str:
+    """What an epoch's cost depends on: the model and the ``models`` section after ``conf``'s changes
+    (a learning rate or a Radon input that changes leaves the network, and so the cost, as it is)."""
+    merged = deep_merge(copy.deepcopy(dict(cfg["models"])), copy.deepcopy(dict(conf.changes.get("models", {}))))
+    return conf.model + json.dumps(merged, sort_keys=True)
+
+
+def time_left(cfg: Mapping[str, Any], finished: pd.DataFrame, resumed_at: Mapping[str, int] | None = None,
+              selection: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The ablation's runs not in ``finished``, each with the time it should take at the measured rates.
+
+    ``finished`` has one row per finished run: ``run`` (``grid/<experiment>/<configuration>/seed<N>``
+    or ``confirm/<experiment>/<model>/seed<N>``), ``configuration`` (the one it trained, from its
+    ``configuration.json``), ``n_parameters``, ``s_per_epoch`` and ``concurrent_jobs``. Only runs
+    that had the device to themselves (``concurrent_jobs`` 1) give rates. ``resumed_at`` maps an
+    unfinished run to the epoch of its checkpoint; ``selection`` a model to the configuration its
+    confirmation trains, for confirmation runs none of whose seeds has finished.
+
+    The seconds per epoch of a run, in this order (``basis`` says which):
+
+    1. the median over finished runs of the same network (:func:`_network_key`) and experiment;
+    2. the network's rate on another experiment plus that experiment's difference in rate for the
+       measured network of the same model (SCNN or CNN) closest in parameter count (the Radon
+       projector adds about the same time to an epoch whatever the network);
+    3. none (NaN) when neither exists.
+
+    Columns: ``run, experiment, configuration, epochs_left, s_per_epoch, estimate_s, basis``.
+    """
+    confs = {c.name: c for c in configurations(cfg)}
+    alone = finished[finished["concurrent_jobs"].fillna(1).astype(int) == 1].copy()
+    alone["experiment"] = alone["run"].str.split("/").str[1]
+    alone = alone[alone["configuration"].isin(list(confs))]
+    alone["network"] = [_network_key(cfg, confs[c]) for c in alone["configuration"]]
+    alone["model"] = [confs[c].model for c in alone["configuration"]]
+    rate = alone.groupby(["network", "experiment"])["s_per_epoch"].median()
+    count = alone.groupby(["network", "experiment"]).size()
+    params = alone.groupby("network")["n_parameters"].median()
+    model_of = alone.groupby("network")["model"].first()
+    order = {name: i for i, name in enumerate(confs)}
+    name_of = alone.groupby("network")["configuration"].agg(lambda names: min(names, key=order.__getitem__))
+
+    def per_epoch(conf: Configuration, experiment: str) -> tuple[float, str]:
+        key = _network_key(cfg, conf)
+        if (key, experiment) in rate.index:
+            n = int(count[(key, experiment)])
+            return float(rate[(key, experiment)]), f"median of {n} run{'s' * (n != 1)} of this network"
+        for other in EXPERIMENTS:
+            if other == experiment or (key, other) not in rate.index:
+                continue
+            both = [k for k in model_of.index if model_of[k] == conf.model
+                    and (k, experiment) in rate.index and (k, other) in rate.index]
+            if not both:
+                continue
+            near = min(both, key=lambda k: (abs(np.log(params[k] / params[key])), name_of[k]))
+            extra = float(rate[(near, experiment)] - rate[(near, other)])
+            return (float(rate[(key, other)]) + extra,
+                    f"its {other} rate {rate[(key, other)]:.4g} s plus {extra:.4g} s, the {experiment} "
+                    f"difference of {name_of[near]}'s network")
+        return float("nan"), "no run of this network has finished"
+
+    done = set(finished["run"])
+    confirm_conf = {m: str(selection[m]) for m in (selection or {})}
+    for run, name in zip(finished["run"], finished["configuration"]):
+        if run.startswith("confirm/"):
+            confirm_conf.setdefault(run.split("/")[2], name)
+    todo = [(f"grid/{e}/{c}/seed{s}", e, c) for e, c, s in grid_runs(cfg)]
+    todo += [(f"confirm/{e}/{m}/seed{s}", e, confirm_conf.get(m, "")) for e, m, s in confirm_runs(cfg)]
+    rows = []
+    for label, experiment, name in todo:
+        if label in done:
+            continue
+        if name in confs:
+            epochs = int(configuration_config(cfg, confs[name])[experiment]["epochs"])
+            s, basis = per_epoch(confs[name], experiment)
+        else:
+            epochs, s, basis = int(cfg[experiment]["epochs"]), float("nan"), "its configuration is not selected yet"
+        left = epochs - int((resumed_at or {}).get(label, 0))
+        rows.append({"run": label, "experiment": experiment, "configuration": name, "epochs_left": left,
+                     "s_per_epoch": s, "estimate_s": s * left, "basis": basis})
+    return pd.DataFrame(rows, columns=["run", "experiment", "configuration", "epochs_left", "s_per_epoch",
+                                       "estimate_s", "basis"])
