@@ -178,6 +178,29 @@ ablation:
 """
 
 
+def test_runner_match_starts_only_the_runs_named(tmp_path):
+    """--match: the runs whose labels match one of the patterns, in the runner's order; the rest
+    of the plan (--dry-run lists it) is left for later."""
+    work = copy_checkout(tmp_path)
+    (work / "config" / "tiny.yaml").write_text(TINY)
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(work / "workflow"))
+
+    def planned(*extra: str) -> list[str]:
+        proc = subprocess.run([sys.executable, "workflow/benchmarks/run_ablation.py", "--configfile",
+                               "config/config.yaml", "config/tiny.yaml", "--only", "all", "--dry-run", *extra],
+                              cwd=work, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return re.findall(r"^would run (\S+)$", proc.stdout, re.M)
+
+    everything = planned()
+    assert len(everything) == 6 + 4 and everything[0] == "grid/denoise/scnn_paper/seed0"
+    chosen = planned("--match", "grid/*/cnn_paper/*", "confirm/radon_recon/*/seed5")
+    assert chosen == [label for label in everything if "/cnn_paper/" in label
+                      or label.startswith("confirm/radon_recon/")]
+    assert len(chosen) == 4
+    assert planned("--match", "grid/*/no_such_configuration/*") == []
+
+
 @pytest.mark.slow
 def test_gpu_runner_writes_the_rules_outputs_so_snakemake_only_aggregates(tmp_path):
     """run_ablation.py at 4 epochs on the CPU: every grid and confirmation run, the selection,

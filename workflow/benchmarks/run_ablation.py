@@ -12,7 +12,10 @@ Snakemake metadata; ``--touch`` or ``--rerun-triggers mtime`` settle any doubt a
 
 ``--only screen``: every configuration's denoising run with the screen seed; ``confirm``: the
 selection (screen must be done) and the confirmation runs; ``all``: screen, selection,
-confirmation, then the rest of the grid. Finished runs (``metrics.csv`` present) are skipped,
+confirmation, then the rest of the grid. ``--match PATTERN ...`` starts only the runs whose label
+(``grid/<experiment>/<configuration>/seed<N>``, ``confirm/<experiment>/<model>/seed<N>``)
+matches one of the shell patterns, in the same order: ``--match 'grid/*/cnn_paper/*'`` runs the
+paper CNN's grid runs first, say, where they decide claims sooner than a long SCNN run would. Finished runs (``metrics.csv`` present) are skipped,
 so the script can be rerun after an interruption. It prints the wall time of every run and a
 summary (runs, total and busiest time) at the end; a failed run is reported with its log and
 makes the exit status 1.
@@ -36,6 +39,7 @@ for it, so aggregate restored runs with those two commands.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -197,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="override the config's device (e.g. cuda, cuda:0, cpu)")
     p.add_argument("--jobs", type=int, default=4, help="training processes at once on the device")
     p.add_argument("--only", choices=["screen", "confirm", "all"], default="all")
+    p.add_argument("--match", nargs="+", default=None, metavar="PATTERN",
+                   help="start only the runs whose label (grid/<experiment>/<configuration>/seed<N>, "
+                        "confirm/<experiment>/<model>/seed<N>) matches one of these shell patterns")
     p.add_argument("--dry-run", action="store_true", help="list the runs that would start, start none")
     p.add_argument("--archive", type=Path, default=None, metavar="DIR",
                    help="restore finished runs from DIR at the start and copy each run that finishes into it "
@@ -254,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                 if archive is not None and not archive.holds_finished(run_dir) \
                         and archive.save(run_dir, settings, finished=True):
                     counts["archived"] += 1
+                continue
+            if args.match and not any(fnmatch.fnmatchcase(label, pat) for pat in args.match):
                 continue
             after = (lambda d=run_dir, st=settings: archive.save(d, st, finished=True)) if archive else None
             out.append((label, cmd, logs / f"{label.replace('/', '_')}.log", after))
