@@ -11,7 +11,8 @@ writes, over the archive's finished runs (every grid and confirmation run whose
 * ``<prefix>paper_claims_ablation.csv`` and ``<prefix>paper_claims_ablation_rules2.csv``:
   ``equipet-claims`` under rules 1 and 2 over the same runs; a claim whose runs are not all
   there is *not comparable*, as the rules say;
-* ``<prefix>ablation_runs.csv``: one row per run from its ``timing.json`` (epochs, training
+* ``<prefix>ablation_runs.csv``: one row per run from its ``timing.json`` (the configuration it
+  trained, its parameters, epochs, training
   time summed over resumes, seconds per epoch, the epoch it last resumed from, the training
   processes side by side, the 1-minute load average at its end, device and torch);
 * ``<prefix>ablation_left.csv``: every run of the configuration not finished in the archive, the
@@ -50,22 +51,12 @@ def run_rows(archive: Path, runs: list[Path]) -> pd.DataFrame:
     for d in runs:
         t = json.loads((d / "timing.json").read_text())
         rows.append({
-            "run": d.relative_to(archive).as_posix(), "epochs": t["epochs"], "total_s": round(t["total_s"], 1),
+            "run": d.relative_to(archive).as_posix(), "configuration": ablation.read_labels(d)["configuration"],
+            "n_parameters": t["n_parameters"], "epochs": t["epochs"], "total_s": round(t["total_s"], 1),
             "s_per_epoch": t["s_per_epoch"], "resumed_from_epoch": t.get("resumed_from_epoch"),
             "concurrent_jobs": t.get("concurrent_jobs"), "load_average_1min": (t.get("load_average_end") or [None])[0],
             "device": t["device"], "torch": t["torch"],
         })
-    return pd.DataFrame(rows)
-
-
-def finished_frame(archive: Path, runs: list[Path]) -> pd.DataFrame:
-    """The finished runs as :func:`equipet.study.ablation.time_left` reads them."""
-    rows = []
-    for d in runs:
-        t = json.loads((d / "timing.json").read_text())
-        rows.append({"run": d.relative_to(archive).as_posix(), "configuration": ablation.read_labels(d)["configuration"],
-                     "n_parameters": t["n_parameters"], "s_per_epoch": t["s_per_epoch"],
-                     "concurrent_jobs": t.get("concurrent_jobs", 1)})
     return pd.DataFrame(rows)
 
 
@@ -111,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         for rules, name in ((1, "paper_claims_ablation.csv"), (2, "paper_claims_ablation_rules2.csv")):
             _equipet("study.claims", "--settings", settings, "--metrics", *metrics, "--runs", *dirs,
                      "--out", f"{prefix}{name}", "--rules", str(rules))
-    run_rows(args.archive, runs).to_csv(f"{prefix}ablation_runs.csv", index=False)
-    left = ablation.time_left(cfg, finished_frame(args.archive, runs), checkpoint_epochs(args.archive))
+    per_run = run_rows(args.archive, runs)
+    per_run.to_csv(f"{prefix}ablation_runs.csv", index=False)
+    left = ablation.time_left(cfg, per_run, checkpoint_epochs(args.archive))
     left.round({"s_per_epoch": 5, "estimate_s": 0}).to_csv(f"{prefix}ablation_left.csv", index=False)
     print(f"{len(runs)} finished runs of {args.archive}: wrote {prefix}ablation.csv, {prefix}ablation_runs.csv, "
           f"{prefix}ablation_left.csv, {prefix}paper_claims_ablation.csv, {prefix}paper_claims_ablation_rules2.csv",

@@ -417,10 +417,9 @@ def loss_rise(losses: Sequence[float] | np.ndarray, window: int) -> float:
 
 
 def _network_key(cfg: Mapping[str, Any], conf: Configuration) -> str:
-    """What an epoch's cost depends on: the model and the ``models`` section after ``conf``'s changes
+    """What an epoch's cost depends on: the model and the ``models`` section of ``conf``'s config
     (a learning rate or a Radon input that changes leaves the network, and so the cost, as it is)."""
-    merged = deep_merge(copy.deepcopy(dict(cfg["models"])), copy.deepcopy(dict(conf.changes.get("models", {}))))
-    return conf.model + json.dumps(merged, sort_keys=True)
+    return conf.model + json.dumps(configuration_config(cfg, conf)["models"], sort_keys=True)
 
 
 def time_left(cfg: Mapping[str, Any], finished: pd.DataFrame, resumed_at: Mapping[str, int] | None = None,
@@ -445,10 +444,11 @@ def time_left(cfg: Mapping[str, Any], finished: pd.DataFrame, resumed_at: Mappin
     Columns: ``run, experiment, configuration, epochs_left, s_per_epoch, estimate_s, basis``.
     """
     confs = {c.name: c for c in configurations(cfg)}
+    network = {name: _network_key(cfg, conf) for name, conf in confs.items()}
     alone = finished[finished["concurrent_jobs"].fillna(1).astype(int) == 1].copy()
     alone["experiment"] = alone["run"].str.split("/").str[1]
     alone = alone[alone["configuration"].isin(list(confs))]
-    alone["network"] = [_network_key(cfg, confs[c]) for c in alone["configuration"]]
+    alone["network"] = alone["configuration"].map(network)
     alone["model"] = [confs[c].model for c in alone["configuration"]]
     rate = alone.groupby(["network", "experiment"])["s_per_epoch"].median()
     count = alone.groupby(["network", "experiment"]).size()
@@ -458,7 +458,7 @@ def time_left(cfg: Mapping[str, Any], finished: pd.DataFrame, resumed_at: Mappin
     name_of = alone.groupby("network")["configuration"].agg(lambda names: min(names, key=order.__getitem__))
 
     def per_epoch(conf: Configuration, experiment: str) -> tuple[float, str]:
-        key = _network_key(cfg, conf)
+        key = network[conf.name]
         if (key, experiment) in rate.index:
             n = int(count[(key, experiment)])
             return float(rate[(key, experiment)]), f"median of {n} run{'s' * (n != 1)} of this network"
