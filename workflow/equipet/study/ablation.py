@@ -416,12 +416,6 @@ def loss_rise(losses: Sequence[float] | np.ndarray, window: int) -> float:
 # --------------------------------------------------------------------------- time left
 
 
-def _network_key(cfg: Mapping[str, Any], conf: Configuration) -> str:
-    """What an epoch's cost depends on: the model and the ``models`` section of ``conf``'s config
-    (a learning rate or a Radon input that changes leaves the network, and so the cost, as it is)."""
-    return conf.model + json.dumps(configuration_config(cfg, conf)["models"], sort_keys=True)
-
-
 def time_left(cfg: Mapping[str, Any], finished: pd.DataFrame, resumed_at: Mapping[str, int] | None = None,
               selection: Mapping[str, str] | None = None) -> pd.DataFrame:
     """The ablation's runs not in ``finished``, each with the time it should take at the measured rates.
@@ -435,7 +429,9 @@ def time_left(cfg: Mapping[str, Any], finished: pd.DataFrame, resumed_at: Mappin
 
     The seconds per epoch of a run, in this order (``basis`` says which):
 
-    1. the median over finished runs of the same network (:func:`_network_key`) and experiment;
+    1. the median over finished runs of the same network (the model and the ``models`` section of
+       the configuration's config: a learning rate or a Radon input that changes leaves the
+       network, and so the cost, as it is) and experiment;
     2. the network's rate on another experiment plus that experiment's difference in rate for the
        measured network of the same model (SCNN or CNN) closest in parameter count (the Radon
        projector adds about the same time to an epoch whatever the network);
@@ -444,7 +440,8 @@ def time_left(cfg: Mapping[str, Any], finished: pd.DataFrame, resumed_at: Mappin
     Columns: ``run, experiment, configuration, epochs_left, s_per_epoch, estimate_s, basis``.
     """
     confs = {c.name: c for c in configurations(cfg)}
-    network = {name: _network_key(cfg, conf) for name, conf in confs.items()}
+    merged = {name: configuration_config(cfg, conf) for name, conf in confs.items()}
+    network = {name: confs[name].model + json.dumps(m["models"], sort_keys=True) for name, m in merged.items()}
     alone = finished[finished["concurrent_jobs"].fillna(1).astype(int) == 1].copy()
     alone["experiment"] = alone["run"].str.split("/").str[1]
     alone = alone[alone["configuration"].isin(list(confs))]
@@ -488,7 +485,7 @@ def time_left(cfg: Mapping[str, Any], finished: pd.DataFrame, resumed_at: Mappin
         if label in done:
             continue
         if name in confs:
-            epochs = int(configuration_config(cfg, confs[name])[experiment]["epochs"])
+            epochs = int(merged[name][experiment]["epochs"])
             s, basis = per_epoch(confs[name], experiment)
         else:
             epochs, s, basis = int(cfg[experiment]["epochs"]), float("nan"), "its configuration is not selected yet"
