@@ -127,12 +127,27 @@ def configuration_columns(cfg: Mapping[str, Any], conf: Configuration, stage: st
 # --------------------------------------------------------------------------- paths and run lists
 
 
+def grid_label(experiment: str, name: str, seed: int) -> str:
+    """A grid run's label, which is also its folder under ``<results>/ablation`` and the archive."""
+    return f"grid/{experiment}/{name}/seed{seed}"
+
+
+def confirm_label(experiment: str, model: str, seed: int) -> str:
+    """A confirmation run's label, which is also its folder under ``<results>/ablation`` and the archive."""
+    return f"confirm/{experiment}/{model}/seed{seed}"
+
+
+def label_experiment(label: str) -> str:
+    """The experiment of a run label (``grid_label`` or ``confirm_label``)."""
+    return label.split("/")[1]
+
+
 def grid_dir(results: str | Path, experiment: str, name: str, seed: int) -> Path:
-    return Path(results) / "ablation" / "grid" / experiment / name / f"seed{seed}"
+    return Path(results) / "ablation" / grid_label(experiment, name, seed)
 
 
 def confirm_dir(results: str | Path, experiment: str, model: str, seed: int) -> Path:
-    return Path(results) / "ablation" / "confirm" / experiment / model / f"seed{seed}"
+    return Path(results) / "ablation" / confirm_label(experiment, model, seed)
 
 
 def selection_path(results: str | Path) -> Path:
@@ -443,7 +458,7 @@ def time_left(cfg: Mapping[str, Any], finished: pd.DataFrame, resumed_at: Mappin
     merged = {name: configuration_config(cfg, conf) for name, conf in confs.items()}
     network = {name: confs[name].model + json.dumps(m["models"], sort_keys=True) for name, m in merged.items()}
     alone = finished[finished["concurrent_jobs"].fillna(1).astype(int) == 1].copy()
-    alone["experiment"] = alone["run"].str.split("/").str[1]
+    alone["experiment"] = alone["run"].map(label_experiment)
     alone = alone[alone["configuration"].isin(list(confs))]
     alone["network"] = alone["configuration"].map(network)
     alone["model"] = [confs[c].model for c in alone["configuration"]]
@@ -475,11 +490,12 @@ def time_left(cfg: Mapping[str, Any], finished: pd.DataFrame, resumed_at: Mappin
 
     done = set(finished["run"])
     confirm_conf = {m: str(selection[m]) for m in (selection or {})}
+    confirmed = {confirm_label(e, m, s): m for e, m, s in confirm_runs(cfg)}
     for run, name in zip(finished["run"], finished["configuration"]):
-        if run.startswith("confirm/"):
-            confirm_conf.setdefault(run.split("/")[2], name)
-    todo = [(f"grid/{e}/{c}/seed{s}", e, c) for e, c, s in grid_runs(cfg)]
-    todo += [(f"confirm/{e}/{m}/seed{s}", e, confirm_conf.get(m, "")) for e, m, s in confirm_runs(cfg)]
+        if run in confirmed:
+            confirm_conf.setdefault(confirmed[run], name)
+    todo = [(grid_label(e, c, s), e, c) for e, c, s in grid_runs(cfg)]
+    todo += [(confirm_label(e, m, s), e, confirm_conf.get(m, "")) for e, m, s in confirm_runs(cfg)]
     rows = []
     for label, experiment, name in todo:
         if label in done:
