@@ -8,13 +8,15 @@ hundred thousand distinct crystal/depth positions) are stored as indices into th
 distinct points, and the arrays no run reads (``background_out_of_slab`` and
 ``background_additive``, whose sum is ``background``; the MLEM baseline images, which are in
 ``baselines.csv``) are left out. ``unpack`` checks the points it rebuilds against the stored
-checksum. Used by ``gpu_grid.sh`` to fit the three CTRs' slices into one transfer.
+checksum. Used by ``gpu_grid.sh`` to fit the three CTRs' slices into one transfer, and by
+``run_assisted.py`` to keep them in its archive (``slice_digest`` ties a run to its slice).
 """
 
 from __future__ import annotations
 
 import hashlib
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -28,18 +30,38 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def pack(src: str, dst: str) -> None:
+def kept(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays of a slice that the assisted runs read (what ``pack`` keeps, with ``p1``, ``p2``)."""
+    return {k: v for k, v in d.items() if k not in DROPPED and not (k.startswith("baseline_") and v.ndim == 2)}
+
+
+def slice_digest(path: str | Path) -> str:
+    """SHA-256 of the arrays of a slice (``slice.npz``, packed or not) that the assisted runs read:
+    a slice and its packed copy unpacked again give the same digest."""
+    with np.load(path) as f:
+        d = kept({k: f[k] for k in f.files})
+    if "points" in d:   # a packed slice: the end points as stored in slice.npz
+        d["p1"], d["p2"] = d["points"][d.pop("i1")], d["points"][d.pop("i2")]
+        d = {k: v for k, v in d.items() if k not in ("points", "points_sha256")}
+    h = hashlib.sha256()
+    for k in sorted(d):
+        a = np.ascontiguousarray(d[k])
+        h.update(f"{k}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def pack(src: str | Path, dst: str | Path) -> None:
     d = dict(np.load(src))
     n = len(d["p1"])
     points, index = np.unique(np.concatenate([d["p1"], d["p2"]]), axis=0, return_inverse=True)
     index = index.reshape(-1).astype(np.uint32)
-    out = {k: v for k, v in d.items()
-           if k not in ("p1", "p2", *DROPPED) and not (k.startswith("baseline_") and v.ndim == 2)}
+    out = {k: v for k, v in kept(d).items() if k not in ("p1", "p2")}
     out.update(points=points, i1=index[:n], i2=index[n:], points_sha256=np.asarray(_digest(d["p1"], d["p2"])))
     np.savez_compressed(dst, **out)
 
 
-def unpack(src: str, dst: str) -> None:
+def unpack(src: str | Path, dst: str | Path) -> None:
     d = dict(np.load(src))
     p1, p2 = d["points"][d.pop("i1")], d["points"][d.pop("i2")]
     if _digest(p1, p2) != str(d.pop("points_sha256")):

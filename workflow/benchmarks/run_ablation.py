@@ -42,7 +42,6 @@ import argparse
 import fnmatch
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "workflow"))
 
 from equipet.study import ablation  # noqa: E402
+from equipet.study.archive import Archive  # noqa: E402
 from equipet.config import load_config  # noqa: E402
 
 
@@ -65,8 +65,6 @@ def _settings_file(cfg: dict, directory: Path, name: str) -> str:
 
 
 ARCHIVED_FILES = ("metrics.csv", "loss.csv", "timing.json", "configuration.json")
-CHECKPOINT = "checkpoint.pt"
-SNAPSHOTS = "snapshots"
 
 
 def _what_it_computes(cfg: dict, experiment: str, name: str | None = None) -> dict:
@@ -79,88 +77,6 @@ def _what_it_computes(cfg: dict, experiment: str, name: str | None = None) -> di
     if name is not None:
         chosen["ablation"]["configurations"] = [c for c in cfg["ablation"]["configurations"] if c["name"] == name]
     return json.loads(json.dumps(chosen))
-
-
-def _first_difference(a: object, b: object, where: str = "") -> str | None:
-    """The dotted key of the first difference between two JSON-like values (None when equal)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b), key=str):
-            if key not in a or key not in b:
-                return f"{where}{key}"
-            found = _first_difference(a[key], b[key], f"{where}{key}.")
-            if found:
-                return found
-        return None
-    return None if a == b else where.rstrip(".") or "(the whole settings)"
-
-
-class Archive:
-    """Finished runs' small files (and unfinished runs' checkpoints) kept in a folder under git."""
-
-    def __init__(self, root: Path, results: Path) -> None:
-        self.root, self.results = root, results
-
-    def _archived(self, run_dir: Path) -> Path:
-        return self.root / run_dir.relative_to(self.results / "ablation")
-
-    def check(self, label: str, run_dir: Path, settings: dict) -> None:
-        """Refuse an archived run that was trained with other settings than ``settings``."""
-        saved = self._archived(run_dir) / "settings.json"
-        if not saved.exists():
-            return
-        try:
-            old = json.loads(saved.read_text())
-        except json.JSONDecodeError as exc:
-            raise SystemExit(f"error: {saved} is not valid JSON ({exc}); restore it with git or remove "
-                             f"{saved.parent} so that {label} is trained again") from None
-        differs = _first_difference(old, settings)
-        if differs:
-            raise SystemExit(f"error: the archived run {label} ({saved.parent}) was trained with other settings "
-                             f"than this configuration's: {differs} differs. Point --archive at an archive of this "
-                             f"configuration, or remove {saved.parent} to train {label} again")
-
-    def holds_finished(self, run_dir: Path) -> bool:
-        return all((self._archived(run_dir) / n).exists() for n in ARCHIVED_FILES)
-
-    def restore(self, run_dir: Path) -> str | None:
-        """Copy an archived run into ``run_dir``: ``"finished"`` (its files), ``"checkpoint"`` (an
-        unfinished run's checkpoint, where ``run_dir`` has none) or None (nothing copied)."""
-        src = self._archived(run_dir)
-        if not src.is_dir() or all((run_dir / n).exists() for n in ("metrics.csv", "configuration.json")):
-            return None
-        if self.holds_finished(run_dir):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            for name in ARCHIVED_FILES:
-                shutil.copy2(src / name, run_dir / name)
-            return "finished"
-        if (src / CHECKPOINT).exists() and not (run_dir / CHECKPOINT).exists():
-            (run_dir / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
-            for snap in sorted((src / SNAPSHOTS).glob("*.npy")):
-                if not (run_dir / SNAPSHOTS / snap.name).exists():
-                    shutil.copy2(snap, run_dir / SNAPSHOTS / snap.name)
-            shutil.copy2(src / CHECKPOINT, run_dir / CHECKPOINT)
-            return "checkpoint"
-        return None
-
-    def save(self, run_dir: Path, settings: dict, finished: bool) -> bool:
-        """Copy a finished run's files (or an unfinished one's checkpoint) into the archive."""
-        dst = self._archived(run_dir)
-        names = list(ARCHIVED_FILES) if finished else [CHECKPOINT]
-        if not all((run_dir / n).exists() for n in names):
-            return False
-        dst.mkdir(parents=True, exist_ok=True)
-        if not finished:   # a resumed run reads back the snapshots it made before its checkpoint
-            names += [f"{SNAPSHOTS}/{p.name}" for p in sorted((run_dir / SNAPSHOTS).glob("*.npy"))]
-            (dst / SNAPSHOTS).mkdir(exist_ok=True)
-        for name in names:
-            tmp = dst / f"{name}.part"
-            shutil.copy2(run_dir / name, tmp)
-            os.replace(tmp, dst / name)
-        (dst / "settings.json").write_text(json.dumps(settings, sort_keys=True, indent=1) + "\n")
-        if finished:   # what only an unfinished run needs
-            (dst / CHECKPOINT).unlink(missing_ok=True)
-            shutil.rmtree(dst / SNAPSHOTS, ignore_errors=True)
-        return True
 
 
 def _command(module: str, *args: str) -> list[str]:
@@ -230,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                EQUIPET_CONCURRENT_JOBS=str(max(1, args.jobs)),
                PYTHONPATH=os.pathsep.join([str(REPO / "workflow"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     tmp = Path(tempfile.mkdtemp(prefix="equipet-ablation-"))
-    archive = Archive(args.archive if args.archive.is_absolute() else Path.cwd() / args.archive, results) \
-        if args.archive else None
+    archive = Archive(args.archive if args.archive.is_absolute() else Path.cwd() / args.archive,
+                      results / "ablation", ARCHIVED_FILES) if args.archive else None
     counts = {"restored": 0, "checkpoints restored": 0, "archived": 0, "checkpoints archived": 0}
     starts_nothing = args.dry_run or args.archive_only
     all_results: list[tuple[str, float, int, Path]] = []
@@ -250,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                         counts["archived" if done else "checkpoints archived"] += 1
                         print(f"archived {label}: {'finished' if done else 'its checkpoint'}", flush=True)
                     continue
-                restored = archive.restore(run_dir)
+                restored = archive.restore(run_dir, finished(run_dir))
                 if restored:
                     counts["restored" if restored == "finished" else "checkpoints restored"] += 1
                     print(f"restored {label} from {archive.root}: "
@@ -280,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         merged = ablation.configuration_config(cfg, conf)
         run_dir = ablation.grid_dir(results, experiment, name, seed)
         settings = _settings_file(merged, tmp, f"{experiment}_{name}")
-        return (f"grid/{experiment}/{name}/seed{seed}", run_dir,
+        return (ablation.grid_label(experiment, name, seed), run_dir,
                 _command("study.ablation", "train", "--settings", settings, "--brain", str(brain),
                          "--experiment", experiment, "--configuration", name, "--seed", str(seed),
                          "--out-dir", str(run_dir)), _what_it_computes(merged, experiment, name))
@@ -290,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     confirm_settings = _settings_file(cfg, tmp, "confirm")
     stages = {
         "screen": [grid_job(*r) for r in screen],
-        "confirm": [(f"confirm/{e}/{m}/seed{s}", ablation.confirm_dir(results, e, m, s),
+        "confirm": [(ablation.confirm_label(e, m, s), ablation.confirm_dir(results, e, m, s),
                      _command("study.ablation", "train", "--settings", confirm_settings, "--brain", str(brain),
                               "--experiment", e, "--selection", str(selection), "--model", m, "--seed", str(s),
                               "--out-dir", str(ablation.confirm_dir(results, e, m, s))), _what_it_computes(cfg, e))

@@ -1,0 +1,129 @@
+"""``workflow/benchmarks/run_assisted.py``: the assisted grid run by run, kept across fresh machines
+through its archive (packed slices, finished runs, unfinished runs' checkpoints)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from test_assisted import write_tiny_slice
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow" / "benchmarks"))
+
+import pack_slice  # noqa: E402
+
+
+def tiny_grid(path: Path, results: Path, **assisted) -> Path:
+    """A config over config/quick.yaml: CTR 100 ps only, seed 0, 4 epochs of a 3-layer CNN on the tiny slice."""
+    from equipet.config import schema_defaults
+
+    over = {"results_dir": str(results), "device": "cpu", "seeds": [0], "acquisition": {"ctrs_ps": [100]},
+            "phantom": schema_defaults("phantom"),
+            "training": {"checkpoint_every": 2},
+            "models": {"cnn": {"layers": 3, "channels": 4}},
+            "assisted": {"epochs": 4, "snapshots": [2, 4], "cache_mb": 10, "subset_events": 100,
+                         "methods": ["paper", "poisson"], "plateau": {"window": 2}, **assisted}}
+    path.write_text(yaml.safe_dump(over))
+    return path
+
+
+def runner(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(REPO / "workflow"))
+    return subprocess.run([sys.executable, str(REPO / "workflow" / "benchmarks" / "run_assisted.py"), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+def losses(run_dir: Path) -> np.ndarray:
+    return pd.read_csv(run_dir / "loss.csv")["loss"].to_numpy()
+
+
+@pytest.mark.slow
+def test_assisted_runner_carries_the_grid_to_a_fresh_machine(tmp_path):
+    """Machine A makes the slice and trains; the archive keeps the packed slice (same digest), a
+    finished run and an unfinished run's checkpoint. Machine B, which has nothing, unpacks the
+    slice, rebuilds its matrix, takes the finished run as finished and resumes the other: its
+    losses equal those of the same run trained straight through. Other settings, or another
+    slice, are refused with the field or the file named."""
+    quick = str(REPO / "config" / "quick.yaml")
+    a, b, archive = tmp_path / "a", tmp_path / "b", tmp_path / "archive"
+    ctr_a = a / "assisted" / "ctr100"
+    ctr_a.mkdir(parents=True)
+    write_tiny_slice(ctr_a)
+    (ctr_a / "baselines.csv").write_text("iteration,crc\n2,0.5\n")
+    (a / "recon" / "ctr100").mkdir(parents=True)
+    (a / "recon" / "ctr100" / "timing.json").write_text('{"total_time_s": 1.0}\n')
+    cfg_a, cfg_b = tiny_grid(tmp_path / "a.yaml", a), tiny_grid(tmp_path / "b.yaml", b)
+
+    # A: one run to the end, one stopped at its checkpoint of epoch 2 (trained to 2 epochs, its outputs removed)
+    done = runner("--configfile", quick, str(cfg_a), "--archive", str(archive), "--match", "ctr100/paper/cnn/*")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.findall(r"^done (\S+):", done.stdout, re.M) == ["ctr100/paper/cnn/seed0"]
+    digest = pack_slice.slice_digest(ctr_a / "slice.npz")
+    assert json.loads((archive / "ctr100" / "slice.json").read_text())["sha256"] == digest
+    assert pack_slice.slice_digest(archive / "ctr100" / "slice.packed.npz") == digest
+    finished = archive / "ctr100" / "paper" / "cnn" / "seed0"
+    assert {p.name for p in finished.iterdir()} == {"metrics.csv", "loss.csv.gz", "timing.json", "eval.npz",
+                                                    "summary.json", "settings.json"}
+    with gzip.open(finished / "loss.csv.gz", "rt") as fh:
+        assert fh.read() == (ctr_a / "paper" / "cnn" / "seed0" / "loss.csv").read_text()
+    assert json.loads((finished / "settings.json").read_text())["slice_sha256"] == digest
+    assert json.loads((ctr_a / "paper" / "cnn" / "seed0" / "timing.json").read_text())["concurrent_jobs"] == 1
+
+    cut = runner("--configfile", quick, str(tiny_grid(tmp_path / "cut.yaml", a, epochs=2, snapshots=[2])),
+                 "--match", "ctr100/poisson/cnn/*")
+    assert cut.returncode == 0, cut.stdout + cut.stderr
+    partial = ctr_a / "poisson" / "cnn" / "seed0"
+    for name in ("metrics.csv", "loss.csv", "timing.json", "eval.npz", "summary.json"):
+        (partial / name).unlink()
+    saved = runner("--configfile", quick, str(cfg_a), "--archive", str(archive), "--archive-only")
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    assert "archived ctr100/poisson/cnn/seed0: its checkpoint" in saved.stdout
+    kept = archive / "ctr100" / "poisson" / "cnn" / "seed0"
+    assert (kept / "checkpoint.pt").exists() and (kept / "snapshots" / "epoch_000002.npy").exists()
+    assert not (kept / "metrics.csv").exists()
+
+    # B: nothing but the archive
+    fresh = runner("--configfile", quick, str(cfg_b), "--archive", str(archive), "--match", "ctr100/*/cnn/*")
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert "ctr100: slice unpacked" in fresh.stdout
+    assert "restored ctr100/paper/cnn/seed0: finished" in fresh.stdout
+    assert "skip ctr100/paper/cnn/seed0: finished" in fresh.stdout
+    assert "restored ctr100/poisson/cnn/seed0: its checkpoint" in fresh.stdout
+    assert re.findall(r"^done (\S+):", fresh.stdout, re.M) == ["ctr100/poisson/cnn/seed0"]
+    ctr_b = b / "assisted" / "ctr100"
+    assert pack_slice.slice_digest(ctr_b / "slice.npz") == digest and (ctr_b / "system.pt").exists()
+    assert (b / "recon" / "ctr100" / "timing.json").exists() and (ctr_b / "baselines.csv").exists()
+    np.testing.assert_array_equal(losses(ctr_b / "paper" / "cnn" / "seed0"), losses(ctr_a / "paper" / "cnn" / "seed0"))
+    assert "resuming from" in (b / "logs" / "assisted_runner" / "ctr100_poisson_cnn_seed0.log").read_text()
+    # the same run straight through on A gives the same losses as the resumed one on B
+    for p in partial.rglob("*"):
+        if p.is_file():
+            p.unlink()
+    through = runner("--configfile", quick, str(cfg_a), "--match", "ctr100/poisson/cnn/*")
+    assert through.returncode == 0, through.stdout + through.stderr
+    assert len(losses(partial)) == 4
+    np.testing.assert_array_equal(losses(ctr_b / "poisson" / "cnn" / "seed0"), losses(partial))
+    assert (archive / "ctr100" / "poisson" / "cnn" / "seed0" / "loss.csv.gz").exists()
+    assert not (archive / "ctr100" / "poisson" / "cnn" / "seed0" / "checkpoint.pt").exists()
+
+    # refused: other settings than the archived runs', or another slice than the archived one
+    other = runner("--configfile", quick, str(tiny_grid(tmp_path / "lr.yaml", b, learning_rate=0.5)),
+                   "--archive", str(archive), "--dry-run")
+    assert other.returncode != 0 and "assisted.learning_rate differs" in other.stderr, other.stdout + other.stderr
+    c = tmp_path / "c"
+    (c / "assisted" / "ctr100").mkdir(parents=True)
+    write_tiny_slice(c / "assisted" / "ctr100", n=301)
+    moved = runner("--configfile", quick, str(tiny_grid(tmp_path / "c.yaml", c)), "--archive", str(archive), "--dry-run")
+    assert moved.returncode != 0 and "is not the slice the archived runs of ctr100 were trained on" in moved.stderr, \
+        moved.stdout + moved.stderr

@@ -1,0 +1,133 @@
+"""A tracked folder that keeps long studies across machines that do not keep their disks.
+
+A fresh clone, a borrowed GPU or a replaced machine keeps only what git holds. The runners of the
+ablation (``workflow/benchmarks/run_ablation.py``) and of the assisted grid
+(``workflow/benchmarks/run_assisted.py``) copy every run that finishes (its small files and the
+settings its numbers depend on) into such a folder, and on request an unfinished run's latest
+checkpoint with the snapshots made before it; at the next start they copy back what the results
+folder lacks, so that finished runs count as finished and unfinished ones resume where they stopped.
+A run is archived at ``ARCHIVE/<its folder relative to the study's results folder>``. An archived
+run that was trained with other settings than the current ones is refused, with the first field
+that differs, rather than mixed into the tables.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+CHECKPOINT = "checkpoint.pt"
+SNAPSHOTS = "snapshots"
+SETTINGS = "settings.json"
+
+
+def first_difference(a: object, b: object, where: str = "") -> str | None:
+    """The dotted key of the first difference between two JSON-like values (None when equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{where}{key}"
+            found = first_difference(a[key], b[key], f"{where}{key}.")
+            if found:
+                return found
+        return None
+    return None if a == b else where.rstrip(".") or "(the whole settings)"
+
+
+def _copy(src: Path, dst: Path, compress: bool = False, decompress: bool = False) -> None:
+    """Copy ``src`` to ``dst`` through a ``.part`` file, so that an interrupted copy leaves no half file."""
+    tmp = dst.with_name(dst.name + ".part")
+    if compress or decompress:
+        opener = (open, gzip.open) if compress else (gzip.open, open)
+        with opener[0](src, "rb") as fin, opener[1](tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        shutil.copystat(src, tmp)
+    else:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+class Archive:
+    """Finished runs' small files (and unfinished runs' checkpoints) kept in ``root``.
+
+    ``base`` is the study's results folder (``<results>/ablation``, ``<results>/assisted``): a run
+    folder ``base/X`` is archived at ``root/X``. ``files`` are what a finished run keeps, and what
+    marks it finished in the archive; those in ``gzipped`` are stored gzip-compressed (``NAME.gz``),
+    for long loss curves.
+    """
+
+    def __init__(self, root: Path, base: Path, files: Sequence[str], gzipped: Sequence[str] = ()) -> None:
+        unknown = set(gzipped) - set(files)
+        if unknown:
+            raise ValueError(f"gzipped names files a run does not keep: {sorted(unknown)}")
+        self.root, self.base, self.files, self.gzipped = Path(root), Path(base), tuple(files), set(gzipped)
+
+    def archived(self, run_dir: Path) -> Path:
+        return self.root / Path(run_dir).relative_to(self.base)
+
+    def _stored(self, name: str) -> str:
+        return f"{name}.gz" if name in self.gzipped else name
+
+    def check(self, label: str, run_dir: Path, settings: dict) -> None:
+        """Refuse (SystemExit naming the run, the field and the fix) an archived run that was
+        trained with other settings than ``settings``."""
+        saved = self.archived(run_dir) / SETTINGS
+        if not saved.exists():
+            return
+        try:
+            old = json.loads(saved.read_text())
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"error: {saved} is not valid JSON ({exc}); restore it with git or remove "
+                             f"{saved.parent} so that {label} is trained again") from None
+        differs = first_difference(old, settings)
+        if differs:
+            raise SystemExit(f"error: the archived run {label} ({saved.parent}) was trained with other settings "
+                             f"than this configuration's: {differs} differs. Point --archive at an archive of this "
+                             f"configuration, or remove {saved.parent} to train {label} again")
+
+    def holds_finished(self, run_dir: Path) -> bool:
+        return all((self.archived(run_dir) / self._stored(n)).exists() for n in self.files)
+
+    def restore(self, run_dir: Path, finished: bool) -> str | None:
+        """Copy an archived run into ``run_dir`` (``finished``: whether it already holds a finished
+        run, which is left alone): ``"finished"`` (its files), ``"checkpoint"`` (an unfinished run's
+        checkpoint, where ``run_dir`` has none) or None (nothing copied)."""
+        src = self.archived(run_dir)
+        if finished or not src.is_dir():
+            return None
+        if self.holds_finished(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for name in self.files:
+                _copy(src / self._stored(name), run_dir / name, decompress=name in self.gzipped)
+            return "finished"
+        if (src / CHECKPOINT).exists() and not (run_dir / CHECKPOINT).exists():
+            (run_dir / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
+            for snap in sorted((src / SNAPSHOTS).glob("*.npy")):
+                if not (run_dir / SNAPSHOTS / snap.name).exists():
+                    _copy(snap, run_dir / SNAPSHOTS / snap.name)
+            _copy(src / CHECKPOINT, run_dir / CHECKPOINT)
+            return "checkpoint"
+        return None
+
+    def save(self, run_dir: Path, settings: dict, finished: bool) -> bool:
+        """Copy a finished run's files (or an unfinished one's checkpoint and the snapshots made
+        before it) into the archive, with ``settings`` as ``settings.json``."""
+        dst = self.archived(run_dir)
+        names = list(self.files) if finished else [CHECKPOINT]
+        if not all((run_dir / n).exists() for n in names):
+            return False
+        dst.mkdir(parents=True, exist_ok=True)
+        if not finished:   # a resumed run reads back the snapshots it made before its checkpoint
+            names += [f"{SNAPSHOTS}/{p.name}" for p in sorted((run_dir / SNAPSHOTS).glob("*.npy"))]
+            (dst / SNAPSHOTS).mkdir(exist_ok=True)
+        for name in names:
+            _copy(run_dir / name, dst / self._stored(name), compress=name in self.gzipped)
+        (dst / SETTINGS).write_text(json.dumps(settings, sort_keys=True, indent=1) + "\n")
+        if finished:   # what only an unfinished run needs
+            (dst / CHECKPOINT).unlink(missing_ok=True)
+            shutil.rmtree(dst / SNAPSHOTS, ignore_errors=True)
+        return True
