@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +51,8 @@ def losses(run_dir: Path) -> np.ndarray:
 
 @pytest.mark.slow
 def test_assisted_runner_carries_the_grid_to_a_fresh_machine(tmp_path):
-    """Machine A makes the slice and trains; the archive keeps the packed slice (same digest), a
-    finished run and an unfinished run's checkpoint. Machine B, which has nothing, unpacks the
+    """Machine A makes the slice and trains; the archive keeps the slice's digest (and with
+    --pack-slices the packed slice, same digest), a finished run and an unfinished run's checkpoint. Machine B, which has nothing, unpacks the
     slice, rebuilds its matrix, takes the finished run as finished and resumes the other: its
     losses equal those of the same run trained straight through. Other settings, or another
     slice, are refused with the field or the file named."""
@@ -71,7 +72,7 @@ def test_assisted_runner_carries_the_grid_to_a_fresh_machine(tmp_path):
     assert re.findall(r"^done (\S+):", done.stdout, re.M) == ["ctr100/paper/cnn/seed0"]
     digest = pack_slice.slice_digest(ctr_a / "slice.npz")
     assert json.loads((archive / "ctr100" / "slice.json").read_text())["sha256"] == digest
-    assert pack_slice.slice_digest(archive / "ctr100" / "slice.packed.npz") == digest
+    assert not (archive / "ctr100" / "slice.packed.npz").exists()      # only with --pack-slices
     finished = archive / "ctr100" / "paper" / "cnn" / "seed0"
     assert {p.name for p in finished.iterdir()} == {"metrics.csv", "loss.csv.gz", "timing.json", "eval.npz",
                                                     "summary.json", "settings.json"}
@@ -86,12 +87,21 @@ def test_assisted_runner_carries_the_grid_to_a_fresh_machine(tmp_path):
     partial = ctr_a / "poisson" / "cnn" / "seed0"
     for name in ("metrics.csv", "loss.csv", "timing.json", "eval.npz", "summary.json"):
         (partial / name).unlink()
-    saved = runner("--configfile", quick, str(cfg_a), "--archive", str(archive), "--archive-only")
+    saved = runner("--configfile", quick, str(cfg_a), "--archive", str(archive), "--archive-only", "--pack-slices")
     assert saved.returncode == 0, saved.stdout + saved.stderr
+    assert pack_slice.slice_digest(archive / "ctr100" / "slice.packed.npz") == digest
     assert "archived ctr100/poisson/cnn/seed0: its checkpoint" in saved.stdout
     kept = archive / "ctr100" / "poisson" / "cnn" / "seed0"
     assert (kept / "checkpoint.pt").exists() and (kept / "snapshots" / "epoch_000002.npy").exists()
     assert not (kept / "metrics.csv").exists()
+
+    # a machine with neither the slice nor its packed copy is told how to make it
+    bare = tmp_path / "bare"
+    shutil.copytree(archive, bare)
+    (bare / "ctr100" / "slice.packed.npz").unlink()
+    told = runner("--configfile", quick, str(tiny_grid(tmp_path / "d.yaml", tmp_path / "d")), "--archive", str(bare))
+    assert told.returncode != 0 and "the archive holds its digest" in told.stderr and "snakemake" in told.stderr, \
+        told.stdout + told.stderr
 
     # B: nothing but the archive
     fresh = runner("--configfile", quick, str(cfg_b), "--archive", str(archive), "--match", "ctr100/*/cnn/*")

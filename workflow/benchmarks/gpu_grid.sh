@@ -6,7 +6,8 @@
 #   bash workflow/benchmarks/gpu_grid.sh start  OUT_DIR PACKED_DIR CTR...   # unpack, bench (first call), start
 #   bash workflow/benchmarks/gpu_grid.sh finish OUT_DIR PACKED_DIR DEADLINE_S CTR...
 #
-# start: unpacks PACKED_DIR/ctr<CTR>.npz (workflow/benchmarks/pack_slice.py) into
+# start: unpacks PACKED_DIR/ctr<CTR>.npz or PACKED_DIR/ctr<CTR>/slice.packed.npz (workflow/benchmarks/
+#   pack_slice.py; the second is the layout of run_assisted.py's archive, so PACKED_DIR may be that) into
 #   $RESULTS/assisted/ctr<CTR>/slice.npz and builds its system.pt on the GPU; with BENCH=1 it then
 #   runs bench_assisted.py --runs 1 3 9 18 on the first CTR's slice, alone on the GPU; then it starts
 #   one equipet-assisted --out-root process per CTR (paper and poisson x scnn and cnn x seeds 0-2,
@@ -69,7 +70,9 @@ for ctr in "${CTRS[@]}"; do
     mkdir -p "$dir"
     if [ ! -f "$dir/system.pt" ]; then
         log "unpack ctr$ctr and build its stored matrix"
-        "$PY" workflow/benchmarks/pack_slice.py unpack "$PACKED/ctr$ctr.npz" "$dir/slice.npz" || exit 1
+        packed="$PACKED/ctr$ctr.npz"   # else the layout of run_assisted.py's archive
+        [ -f "$packed" ] || packed="$PACKED/ctr$ctr/slice.packed.npz"
+        "$PY" workflow/benchmarks/pack_slice.py unpack "$packed" "$dir/slice.npz" || exit 1
         "$PY" - "$dir/slice.npz" "$DEVICE" <<'EOF' 2>&1 | tee -a "$RESULTS/logs/gpu_grid.log" || exit 1
 import sys, time, numpy as np, torch
 from equipet.assisted.central_slice import slice_system_matrix

@@ -7,11 +7,14 @@ any one session on a machine that may be replaced. This script runs the commands
 with every core, ``assisted.group_runs: run``'s layout) and, with ``--archive DIR``, keeps in
 ``DIR`` (a tracked folder: git is the store) everything a fresh clone needs to go on:
 
-- each CTR's slice, packed (``DIR/ctr<CTR>/slice.packed.npz``, ``pack_slice.py``), its
-  ``baselines.csv`` and the MLEM's ``timing.json``, and ``slice.json`` with the slice's digest.
-  On a machine without the slice it is unpacked from there and its stored matrix (``system.pt``)
-  built again, so no simulation or MLEM has to run; an archived run is refused on a slice whose
-  digest differs (the message says which and how to go on);
+- each CTR's ``slice.json`` with the digest of the slice's arrays that the runs read, its
+  ``baselines.csv`` and the MLEM's ``timing.json``. A fresh machine makes the slice again with
+  Snakemake (simulation, MLEM, central slice: about 11 min for the three CTRs on 2 cores, the same
+  bytes on the same kind of machine); archived runs are refused on a slice whose digest differs
+  (the message says which and how to go on). With ``--pack-slices`` the slice itself is kept as
+  well, packed (``DIR/ctr<CTR>/slice.packed.npz``, ``pack_slice.py``; about 20 MB per CTR at
+  paper scale), for machines that cannot make the same bytes: a machine without the slice then
+  unpacks it and builds its stored matrix (``system.pt``) again;
 - each finished run's ``metrics.csv``, ``loss.csv`` (gzip-compressed), ``timing.json``,
   ``eval.npz`` and ``summary.json`` with the settings its numbers depend on (``settings.json``),
   at ``DIR/ctr<CTR>/<method>/<model>/seed<N>/``; restored at the next start, so it counts as
@@ -19,7 +22,7 @@ with every core, ``assisted.group_runs: run``'s layout) and, with ``--archive DI
 - with ``--archive-only`` (run nothing; stop the runner first) each unfinished run's latest
   ``checkpoint.pt`` and the snapshots before it, so that the next machine resumes it.
 
-    # once, where the slices do not exist yet (simulation, MLEM, central slice; about 30 min on 2 cores)
+    # on each fresh machine: simulation, MLEM, central slice (about 11 min for the three CTRs on 2 cores)
     snakemake --configfile config/config.yaml --cores 2 results/assisted/ctr{50,100,200}/slice.npz
     PYTHONPATH=workflow python workflow/benchmarks/run_assisted.py --configfile config/config.yaml \\
         --device cpu --archive workflow/benchmarks/measured/cpu2_assisted_runs
@@ -80,7 +83,8 @@ def what_it_computes(cfg: dict, digest: str) -> dict:
 
 
 class SliceStore:
-    """A CTR's slice in the archive: packed, with its baselines, the MLEM's timing and its digest."""
+    """A CTR's slice in the archive: its digest, its baselines, the MLEM's timing and, on request,
+    the slice itself, packed."""
 
     def __init__(self, root: Path, results: Path, ctr: int) -> None:
         self.dir = root / f"ctr{ctr}"
@@ -91,11 +95,12 @@ class SliceStore:
     def digest(self) -> str | None:
         return json.loads(self.meta.read_text())["sha256"] if self.meta.exists() else None
 
-    def save(self, digest: str) -> None:
+    def save(self, digest: str, packed: bool) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.packed.with_name(self.packed.name + ".part.npz")
-        pack_slice.pack(self.ctr_dir / "slice.npz", tmp)
-        os.replace(tmp, self.packed)
+        if packed:
+            tmp = self.packed.with_name(self.packed.name + ".part.npz")
+            pack_slice.pack(self.ctr_dir / "slice.npz", tmp)
+            os.replace(tmp, self.packed)
         for name in SLICE_FILES:
             shutil.copy2(self.ctr_dir / name, self.dir / name)
         if self.mlem_timing.exists():
@@ -108,7 +113,8 @@ class SliceStore:
         pack_slice.unpack(self.packed, tmp)
         os.replace(tmp, self.ctr_dir / "slice.npz")
         for name in SLICE_FILES:
-            shutil.copy2(self.dir / name, self.ctr_dir / name)
+            if (self.dir / name).exists():
+                shutil.copy2(self.dir / name, self.ctr_dir / name)
         if (self.dir / "mlem_timing.json").exists() and not self.mlem_timing.exists():
             self.mlem_timing.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(self.dir / "mlem_timing.json", self.mlem_timing)
@@ -144,11 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archive", type=Path, default=None, metavar="DIR",
                    help="keep the slices, the finished runs (and with --archive-only the unfinished runs' "
                         "checkpoints) in DIR, and restore from it what the results lack")
+    p.add_argument("--pack-slices", action="store_true",
+                   help="keep each CTR's slice itself in --archive too, packed (about 20 MB per CTR at paper scale), "
+                        "for machines that cannot make the same slice again")
     p.add_argument("--archive-only", action="store_true",
                    help="start nothing: copy the finished runs and the unfinished runs' checkpoints into --archive")
     args = p.parse_args(argv)
-    if args.archive_only and args.archive is None:
-        p.error("--archive-only needs --archive DIR")
+    for flag, given in (("--archive-only", args.archive_only), ("--pack-slices", args.pack_slices)):
+        if given and args.archive is None:
+            p.error(f"{flag} needs --archive DIR")
 
     cfg = load_config([REPO / f if not Path(f).is_absolute() else f for f in args.configfile])
     if args.device:
@@ -173,28 +183,34 @@ def main(argv: list[str] | None = None) -> int:
             store.restore()
             build_system(slice_path, cfg)
         if not slice_path.exists():
-            if args.dry_run and store is not None and store.digest() is not None:
+            if args.dry_run and store is not None and store.packed.exists():
                 print(f"ctr{ctr}: would unpack the slice of {store.packed}", flush=True)
                 digests[ctr] = str(store.digest())
                 continue
             if starts_nothing:
                 print(f"ctr{ctr}: no slice yet ({slice_path})", flush=True)
                 continue
-            raise SystemExit(f"error: {slice_path} does not exist and no archive holds it: make it first with "
+            held = f" (the archive holds its digest, {store.meta}, which the slice made must match)" \
+                if store is not None and store.meta.exists() else ""
+            raise SystemExit(f"error: {slice_path} does not exist{held}: make it first with "
                              f"snakemake --configfile {' '.join(args.configfile)} --cores all {slice_path}")
         if not (slice_path.parent / "system.pt").exists() and not starts_nothing:
             build_system(slice_path, cfg)
         digests[ctr] = pack_slice.slice_digest(slice_path)
         if store is not None:
             archived = store.digest()
-            if archived is None and not args.dry_run:
-                store.save(digests[ctr])
-                print(f"ctr{ctr}: slice archived in {store.dir}", flush=True)
-            elif archived is not None and archived != digests[ctr]:
+            if archived is not None and archived != digests[ctr]:
+                again = (f"Remove {slice_path.parent} to have the archived slice unpacked"
+                         if store.packed.exists() else
+                         "Make it on the kind of machine that made the archived one, or keep the slice with "
+                         "--pack-slices there")
                 raise SystemExit(f"error: {slice_path} is not the slice the archived runs of ctr{ctr} were trained "
                                  f"on ({store.meta}: sha256 {archived[:12]}..., this one {digests[ctr][:12]}...). "
-                                 f"Remove {slice_path.parent} to have the archived slice unpacked, or point "
-                                 f"--archive at another folder to start a new grid on this slice")
+                                 f"{again}; or point --archive at another folder to start a new grid on this slice")
+            pack = args.pack_slices and not store.packed.exists()
+            if (archived is None or pack) and not args.dry_run:
+                store.save(digests[ctr], packed=pack)
+                print(f"ctr{ctr}: slice {'packed and ' * pack}recorded in {store.dir}", flush=True)
 
     runs = []
     for ctr, method, model, seed in grid(cfg):
