@@ -34,10 +34,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from run_ablation import ARCHIVED_FILES, CHECKPOINT, REPO, _command  # this folder: the runner that writes the archive
+from run_ablation import ARCHIVED_FILES, REPO, _command  # this folder: the runner that writes the archive
 
 from equipet.config import load_config
 from equipet.study import ablation
+from equipet.study.archive import CHECKPOINT
 
 
 def finished_runs(archive: Path) -> list[Path]:
