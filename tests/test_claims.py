@@ -392,6 +392,21 @@ def test_grid_scope_shows_a_reproducing_configuration():
     assert alone.loc["denoise_scnn1000_vs_cnn2000", "verdict"] == NOT_REPRODUCED
 
 
+def test_grid_scope_is_judged_by_the_tables_rules():
+    """The grid scope's rows follow the rules of the table they are in: a configuration whose PSNR
+    is above the CNN's in 2 of 3 seeds reproduces the PSNR claim under rules 1 (a majority) and
+    not under rules 2 (every seed), and each row says which rules judged it."""
+    scnn, cnn = {"scnn": "scnn_a"}, {"cnn": "cnn_paper"}
+    runs = _staged(brain_runs(scnn_fast=True), "grid", scnn) + _staged(brain_runs(scnn_fast=True), "grid", cnn)
+    metrics = pd.concat([_staged_metrics("grid", scnn, psnr={("scnn", "train"): (30.5, 30.5, 29.8)}),
+                         _staged_metrics("grid", cnn)], ignore_index=True)
+    for rules, expected in ((1, REPRODUCED), (2, NOT_REPRODUCED)):
+        table = paper_claims(metrics, runs, PLATEAU, rules=rules)
+        grid = table[table["scope"] == "grid"].set_index("claim_id")
+        assert (grid["rules"] == rules).all(), rules
+        assert grid.loc["denoise_psnr_scnn_ge_cnn", "verdict"] == expected, rules
+
+
 # ------------------------------------------------------------------ the second pre-registration (rules 2)
 
 

@@ -486,7 +486,7 @@ def _grid_claims(table: ClaimTable, grid: Sequence[Run], confirm: Sequence[Run],
     cnn = [r for r in grid if r.configuration == cnn_name]
     per_conf: dict[str, list[dict[str, Any]]] = {}
     for name in sorted({r.configuration for r in grid if r.model == "scnn" and r.paper_consistent}):
-        sub = ClaimTable()
+        sub = ClaimTable(table.rules, table.alone_s_per_epoch)   # judged by the table's rules
         sub.context = {"scope": "grid", "scnn_configuration": name, "cnn_configuration": cnn_name}
         brain_pair_claims(sub, [r for r in grid if r.configuration == name], cnn, metrics, window)
         per_conf[name] = sub.rows
