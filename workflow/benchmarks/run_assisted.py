@@ -102,7 +102,8 @@ class SliceStore:
             pack_slice.pack(self.ctr_dir / "slice.npz", tmp)
             os.replace(tmp, self.packed)
         for name in SLICE_FILES:
-            shutil.copy2(self.ctr_dir / name, self.dir / name)
+            if (self.ctr_dir / name).exists():
+                shutil.copy2(self.ctr_dir / name, self.dir / name)
         if self.mlem_timing.exists():
             shutil.copy2(self.mlem_timing, self.dir / "mlem_timing.json")
         self.meta.write_text(json.dumps({"sha256": digest}, indent=1) + "\n")
