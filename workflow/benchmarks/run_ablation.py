@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "workflow"))
 
 from equipet.study import ablation  # noqa: E402
-from equipet.study.archive import Archive  # noqa: E402
+from equipet.study.archive import Archive, add_runner_arguments  # noqa: E402
 from equipet.config import load_config  # noqa: E402
 
 
@@ -117,15 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="override the config's device (e.g. cuda, cuda:0, cpu)")
     p.add_argument("--jobs", type=int, default=4, help="training processes at once on the device")
     p.add_argument("--only", choices=["screen", "confirm", "all"], default="all")
-    p.add_argument("--match", nargs="+", default=None, metavar="PATTERN",
-                   help="start only the runs whose label (grid/<experiment>/<configuration>/seed<N>, "
-                        "confirm/<experiment>/<model>/seed<N>) matches one of these shell patterns")
-    p.add_argument("--dry-run", action="store_true", help="list the runs that would start, start none")
-    p.add_argument("--archive", type=Path, default=None, metavar="DIR",
-                   help="restore finished runs from DIR at the start and copy each run that finishes into it "
-                        "(a tracked folder keeps the study across fresh machines)")
-    p.add_argument("--archive-only", action="store_true",
-                   help="start nothing: copy the finished runs and the unfinished runs' checkpoints into --archive")
+    add_runner_arguments(p, "grid/<experiment>/<configuration>/seed<N>, confirm/<experiment>/<model>/seed<N>")
     args = p.parse_args(argv)
     if args.archive_only and args.archive is None:
         p.error("--archive-only needs --archive DIR")

@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pack_slice  # noqa: E402
 from equipet.config import load_config  # noqa: E402
-from equipet.study.archive import Archive  # noqa: E402
+from equipet.study.archive import Archive, add_runner_arguments  # noqa: E402
 
 RUN_FILES = ("metrics.csv", "loss.csv", "timing.json", "eval.npz", "summary.json")
 MODELS = ("scnn", "cnn")
@@ -144,18 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configfile", nargs="+", default=["config/config.yaml"],
                    help="config files, later ones override earlier ones (as snakemake --configfile)")
     p.add_argument("--device", default=None, help="override the config's device (e.g. cuda, cpu)")
-    p.add_argument("--match", nargs="+", default=None, metavar="PATTERN",
-                   help="start only the runs whose label (ctr<CTR>/<method>/<model>/seed<N>) matches one of "
-                        "these shell patterns")
-    p.add_argument("--dry-run", action="store_true", help="list the runs that would start, start none")
-    p.add_argument("--archive", type=Path, default=None, metavar="DIR",
-                   help="keep the slices, the finished runs (and with --archive-only the unfinished runs' "
-                        "checkpoints) in DIR, and restore from it what the results lack")
+    add_runner_arguments(p, "ctr<CTR>/<method>/<model>/seed<N>")
     p.add_argument("--pack-slices", action="store_true",
                    help="keep each CTR's slice itself in --archive too, packed (about 20 MB per CTR at paper scale), "
                         "for machines that cannot make the same slice again")
-    p.add_argument("--archive-only", action="store_true",
-                   help="start nothing: copy the finished runs and the unfinished runs' checkpoints into --archive")
     args = p.parse_args(argv)
     for flag, given in (("--archive-only", args.archive_only), ("--pack-slices", args.pack_slices)):
         if given and args.archive is None:

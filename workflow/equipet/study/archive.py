@@ -13,6 +13,7 @@ that differs, rather than mixed into the tables.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -131,3 +132,16 @@ class Archive:
             (dst / CHECKPOINT).unlink(missing_ok=True)
             shutil.rmtree(dst / SNAPSHOTS, ignore_errors=True)
         return True
+
+
+def add_runner_arguments(p: argparse.ArgumentParser, labels: str) -> None:
+    """The options both runners share: which runs start (``--match``, ``--dry-run``) and the
+    archive (``--archive``, ``--archive-only``); ``labels`` spells the runner's run labels."""
+    p.add_argument("--match", nargs="+", default=None, metavar="PATTERN",
+                   help=f"start only the runs whose label ({labels}) matches one of these shell patterns")
+    p.add_argument("--dry-run", action="store_true", help="list the runs that would start, start none")
+    p.add_argument("--archive", type=Path, default=None, metavar="DIR",
+                   help="restore finished runs (and unfinished runs' checkpoints) from DIR at the start and copy "
+                        "each run that finishes into it (a tracked folder keeps the study across fresh machines)")
+    p.add_argument("--archive-only", action="store_true",
+                   help="start nothing: copy the finished runs and the unfinished runs' checkpoints into --archive")
