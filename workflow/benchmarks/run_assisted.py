@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pack_slice  # noqa: E402
 from equipet.config import load_config  # noqa: E402
+from equipet.files import atomic_path  # noqa: E402
 from equipet.study.archive import Archive, add_runner_arguments  # noqa: E402
 
 RUN_FILES = ("metrics.csv", "loss.csv", "timing.json", "eval.npz", "summary.json")
@@ -98,9 +99,8 @@ class SliceStore:
     def save(self, digest: str, packed: bool) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         if packed:
-            tmp = self.packed.with_name(self.packed.name + ".part.npz")
-            pack_slice.pack(self.ctr_dir / "slice.npz", tmp)
-            os.replace(tmp, self.packed)
+            with atomic_path(self.packed) as tmp:
+                pack_slice.pack(self.ctr_dir / "slice.npz", tmp)
         for name in SLICE_FILES:
             if (self.ctr_dir / name).exists():
                 shutil.copy2(self.ctr_dir / name, self.dir / name)
@@ -110,9 +110,8 @@ class SliceStore:
 
     def restore(self) -> None:
         self.ctr_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.ctr_dir / "slice.part.npz"
-        pack_slice.unpack(self.packed, tmp)
-        os.replace(tmp, self.ctr_dir / "slice.npz")
+        with atomic_path(self.ctr_dir / "slice.npz") as tmp:
+            pack_slice.unpack(self.packed, tmp)
         for name in SLICE_FILES:
             if (self.dir / name).exists():
                 shutil.copy2(self.dir / name, self.ctr_dir / name)
@@ -124,19 +123,11 @@ class SliceStore:
 def build_system(slice_path: Path, cfg: dict) -> None:
     """The slice's stored matrix (``system.pt``), as ``equipet-central-slice --system-out`` writes it."""
     import numpy as np
-    import torch
 
-    from equipet.assisted.central_slice import slice_system_matrix
-    from equipet.device import select_device
-    from equipet.files import atomic_path
-    from equipet.reconstruction.system import chunk_events
+    from equipet.assisted.central_slice import write_slice_system_matrix
 
-    device = select_device(cfg["device"])
     with np.load(slice_path) as f:
-        data = {k: f[k] for k in f.files}
-    system = slice_system_matrix(data, device, chunk_events(cfg["mlem"], device))
-    with atomic_path(slice_path.with_name("system.pt")) as tmp:
-        torch.save(system.to("cpu").state_dict(), tmp)
+        write_slice_system_matrix({k: f[k] for k in f.files}, cfg, slice_path.with_name("system.pt"))
 
 
 def main(argv: list[str] | None = None) -> int:

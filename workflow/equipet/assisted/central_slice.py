@@ -311,6 +311,19 @@ def slice_system_matrix(data: Mapping[str, np.ndarray], device: torch.device | s
     return slice_projector(data, "p1", "p2", "tof", torch.device(device), 0.0, chunk_size).to_sparse()
 
 
+def write_slice_system_matrix(data: Mapping[str, np.ndarray], cfg: Mapping[str, Any], out: Path) -> SparseSystemMatrix:
+    """Build :func:`slice_system_matrix` on the config's device, in the MLEM's event chunks, and
+    save it (on the CPU) to ``out`` (``system.pt``) atomically."""
+    from equipet.device import select_device
+    from equipet.reconstruction.system import chunk_events
+
+    device = select_device(cfg["device"])
+    system = slice_system_matrix(data, device, chunk_events(cfg["mlem"], device))
+    with atomic_path(out) as tmp:
+        torch.save(system.to("cpu").state_dict(), tmp)
+    return system
+
+
 def gaussian_filter_mm(image: np.ndarray, fwhm_mm: float, voxel_mm: float) -> np.ndarray:
     """2-D Gaussian post-filter of FWHM ``fwhm_mm``."""
     from scipy.ndimage import gaussian_filter

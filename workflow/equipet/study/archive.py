@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+
+from equipet.files import atomic_path
 
 CHECKPOINT = "checkpoint.pt"
 SNAPSHOTS = "snapshots"
@@ -40,16 +41,16 @@ def first_difference(a: object, b: object, where: str = "") -> str | None:
 
 
 def _copy(src: Path, dst: Path, compress: bool = False, decompress: bool = False) -> None:
-    """Copy ``src`` to ``dst`` through a ``.part`` file, so that an interrupted copy leaves no half file."""
-    tmp = dst.with_name(dst.name + ".part")
-    if compress or decompress:
-        opener = (open, gzip.open) if compress else (gzip.open, open)
-        with opener[0](src, "rb") as fin, opener[1](tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
-        shutil.copystat(src, tmp)
-    else:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+    """Copy ``src`` to ``dst`` (gzip-compressing or decompressing on the way) through a temporary
+    file, so that an interrupted copy leaves no half file."""
+    with atomic_path(dst) as tmp:
+        if compress or decompress:
+            opener = (open, gzip.open) if compress else (gzip.open, open)
+            with opener[0](src, "rb") as fin, opener[1](tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            shutil.copystat(src, tmp)
+        else:
+            shutil.copy2(src, tmp)
 
 
 class Archive:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import numpy as np
-import torch
 from collections.abc import Sequence
 from pathlib import Path
 
 from equipet import cli
 from equipet.files import atomic_path
-from equipet.assisted.central_slice import baseline_rows, extract_slice, log, slice_system_matrix
+from equipet.assisted.central_slice import baseline_rows, extract_slice, log, write_slice_system_matrix
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -45,13 +44,7 @@ def _main(argv: Sequence[str] | None) -> None:
     with atomic_path(args.baselines_out) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     if args.system_out is not None:
-        from equipet.device import select_device
-        from equipet.reconstruction.system import chunk_events
-
-        device = select_device(cfg["device"])
-        system = slice_system_matrix(data, device, chunk_events(cfg["mlem"], device))
-        with atomic_path(args.system_out) as tmp:
-            torch.save(system.to("cpu").state_dict(), tmp)
+        system = write_slice_system_matrix(data, cfg, args.system_out)
         log.info("wrote %s: %d events, %d non-zeros (%.0f MB, A alone)", args.system_out,
                  system.n_events, system.nnz, system.nbytes / 1e6)
     log.info("wrote %s (%d events) and %s", args.out, len(data["tof"]), args.baselines_out)
