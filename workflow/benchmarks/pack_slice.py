@@ -30,6 +30,11 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def _end_points(d: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A packed slice's event end points ``p1``, ``p2``, rebuilt from its point table (removes ``i1``, ``i2``)."""
+    return d["points"][d.pop("i1")], d["points"][d.pop("i2")]
+
+
 def kept(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The arrays of a slice that the assisted runs read (what ``pack`` keeps, with ``p1``, ``p2``)."""
     return {k: v for k, v in d.items() if k not in DROPPED and not (k.startswith("baseline_") and v.ndim == 2)}
@@ -41,7 +46,7 @@ def slice_digest(path: str | Path) -> str:
     with np.load(path) as f:
         d = kept({k: f[k] for k in f.files})
     if "points" in d:   # a packed slice: the end points as stored in slice.npz
-        d["p1"], d["p2"] = d["points"][d.pop("i1")], d["points"][d.pop("i2")]
+        d["p1"], d["p2"] = _end_points(d)
         d = {k: v for k, v in d.items() if k not in ("points", "points_sha256")}
     h = hashlib.sha256()
     for k in sorted(d):
@@ -63,7 +68,7 @@ def pack(src: str | Path, dst: str | Path) -> None:
 
 def unpack(src: str | Path, dst: str | Path) -> None:
     d = dict(np.load(src))
-    p1, p2 = d["points"][d.pop("i1")], d["points"][d.pop("i2")]
+    p1, p2 = _end_points(d)
     if _digest(p1, p2) != str(d.pop("points_sha256")):
         raise SystemExit(f"{src}: the rebuilt event end points do not match their checksum")
     d.pop("points")

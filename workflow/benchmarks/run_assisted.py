@@ -153,9 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     root = (args.archive if args.archive.is_absolute() else Path.cwd() / args.archive) if args.archive else None
     archive = Archive(root, results / "assisted", RUN_FILES, gzipped=("loss.csv",)) if root else None
     starts_nothing = args.dry_run or args.archive_only
-    tmp = Path(tempfile.mkdtemp(prefix="equipet-assisted-"))
-    settings_file = tmp / "settings.json"
-    settings_file.write_text(json.dumps(cfg, sort_keys=True))
 
     # each CTR's slice: restored from the archive, or archived, and its digest checked
     digests: dict[int, str] = {}
@@ -240,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                PYTHONPATH=os.pathsep.join([str(REPO / "workflow"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     failed = []
     t_start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="equipet-assisted-"))   # made after every refusal, so none leaves it behind
+    settings_file = tmp / "settings.json"
+    settings_file.write_text(json.dumps(cfg, sort_keys=True))
     for label, run_dir, settings, (ctr, method, model, seed) in todo:
         if starts_nothing:
             print("would run", label, flush=True)
