@@ -87,8 +87,12 @@ def test_assisted_runner_carries_the_grid_to_a_fresh_machine(tmp_path):
     partial = ctr_a / "poisson" / "cnn" / "seed0"
     for name in ("metrics.csv", "loss.csv", "timing.json", "eval.npz", "summary.json"):
         (partial / name).unlink()
+    stored = {p.name: p.read_bytes() for p in finished.iterdir()}
     saved = runner("--configfile", quick, str(cfg_a), "--archive", str(archive), "--archive-only", "--pack-slices")
     assert saved.returncode == 0, saved.stdout + saved.stderr
+    # the finished run it already holds is left as it is: saving again changes no tracked file
+    assert "archived ctr100/paper/cnn/seed0" not in saved.stdout
+    assert {p.name: p.read_bytes() for p in finished.iterdir()} == stored
     assert pack_slice.slice_digest(archive / "ctr100" / "slice.packed.npz") == digest
     assert "archived ctr100/poisson/cnn/seed0: its checkpoint" in saved.stdout
     kept = archive / "ctr100" / "poisson" / "cnn" / "seed0"

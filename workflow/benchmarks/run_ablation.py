@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             if archive is not None:
                 if args.archive_only:
                     done = finished(run_dir)
-                    if archive.save(run_dir, settings, finished=done):
+                    if archive.keep(run_dir, settings, finished=done):
                         counts["archived" if done else "checkpoints archived"] += 1
                         print(f"archived {label}: {'finished' if done else 'its checkpoint'}", flush=True)
                     continue

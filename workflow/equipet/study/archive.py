@@ -44,9 +44,13 @@ def _copy(src: Path, dst: Path, compress: bool = False, decompress: bool = False
     """Copy ``src`` to ``dst`` (gzip-compressing or decompressing on the way) through a temporary
     file, so that an interrupted copy leaves no half file."""
     with atomic_path(dst) as tmp:
-        if compress or decompress:
-            opener = (open, gzip.open) if compress else (gzip.open, open)
-            with opener[0](src, "rb") as fin, opener[1](tmp, "wb") as fout:
+        if compress:   # no name or time in the gzip header: the same file always gives the same bytes
+            with open(src, "rb") as fin, open(tmp, "wb") as raw, \
+                    gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as fout:
+                shutil.copyfileobj(fin, fout)
+            shutil.copystat(src, tmp)
+        elif decompress:
+            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
             shutil.copystat(src, tmp)
         else:
@@ -133,6 +137,14 @@ class Archive:
             (dst / CHECKPOINT).unlink(missing_ok=True)
             shutil.rmtree(dst / SNAPSHOTS, ignore_errors=True)
         return True
+
+    def keep(self, run_dir: Path, settings: dict, finished: bool) -> bool:
+        """``--archive-only``'s step: :meth:`save` what the archive lacks. A finished run it
+        already holds is left as it is (its settings were checked at the start), so that saving
+        again changes no tracked file; an unfinished run's newer checkpoint replaces the old one."""
+        if finished and self.holds_finished(run_dir):
+            return False
+        return self.save(run_dir, settings, finished)
 
 
 def add_runner_arguments(p: argparse.ArgumentParser, labels: str) -> None:
