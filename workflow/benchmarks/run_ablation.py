@@ -166,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             if finished(run_dir):
                 print(f"skip {label}: finished", flush=True)
                 # a run finished before --archive was given is archived now; one already there is left
-                if archive is not None and not archive.holds_finished(run_dir) \
-                        and archive.save(run_dir, settings, finished=True):
+                if archive is not None and archive.keep(run_dir, settings, finished=True):
                     counts["archived"] += 1
                 continue
             if args.match and not any(fnmatch.fnmatchcase(label, pat) for pat in args.match):

@@ -222,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 counts["restored" if restored == "finished" else "checkpoints restored"] += 1
                 print(f"restored {label}: " + ("finished" if restored == "finished" else "its checkpoint"), flush=True)
         if finished(run_dir):
-            if archive is not None and not args.dry_run and not archive.holds_finished(run_dir) \
-                    and archive.save(run_dir, settings, finished=True):
+            if archive is not None and not args.dry_run and archive.keep(run_dir, settings, finished=True):
                 counts["archived"] += 1
             print(f"skip {label}: finished", flush=True)
             continue
