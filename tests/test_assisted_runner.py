@@ -141,3 +141,36 @@ def test_assisted_runner_carries_the_grid_to_a_fresh_machine(tmp_path):
     moved = runner("--configfile", quick, str(tiny_grid(tmp_path / "c.yaml", c)), "--archive", str(archive), "--dry-run")
     assert moved.returncode != 0 and "is not the slice the archived runs of ctr100 were trained on" in moved.stderr, \
         moved.stdout + moved.stderr
+
+
+def test_pack_slice_builds_the_stored_matrix_of_a_packed_slice(tmp_path):
+    """``pack_slice.py unpack`` then ``system`` (what gpu_grid.sh does on a borrowed machine) gives a
+    ``system.pt`` whose ``A x`` and ``A^T y`` are the on-the-fly projector's of the original slice."""
+    import torch
+
+    from equipet.assisted.central_slice import slice_projector
+    from equipet.reconstruction.projector import SparseSystemMatrix
+
+    made, moved = tmp_path / "made", tmp_path / "moved"
+    made.mkdir()
+    moved.mkdir()
+    write_tiny_slice(made)
+    pack_slice.pack(made / "slice.npz", tmp_path / "ctr100.packed.npz")
+    pack_slice.unpack(tmp_path / "ctr100.packed.npz", moved / "slice.npz")
+    (tmp_path / "device.yaml").write_text("device: cpu\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "workflow"))
+    built = subprocess.run([sys.executable, str(REPO / "workflow" / "benchmarks" / "pack_slice.py"), "system",
+                            str(moved / "slice.npz"), "config/quick.yaml", str(tmp_path / "device.yaml")],
+                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert re.search(r"system\.pt: 300 events, \d+ non-zeros, built on cpu", built.stdout), built.stdout
+
+    system = SparseSystemMatrix.from_state_dict(torch.load(moved / "system.pt", weights_only=True))
+    with np.load(made / "slice.npz") as f:
+        direct = slice_projector({k: f[k] for k in f.files}, "p1", "p2", "tof", torch.device("cpu"), 0.0, 64)
+    rng = np.random.default_rng(3)
+    image = torch.as_tensor(rng.uniform(0, 1, system.geometry.shape[:2]), dtype=torch.float32)
+    values = torch.as_tensor(rng.uniform(0, 1, system.n_events), dtype=torch.float32)
+    assert float(direct.apply(image).abs().max()) > 0   # the LORs cross the image
+    torch.testing.assert_close(system.apply(image), direct.apply(image), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(system.adjoint(values), direct.adjoint(values), rtol=1e-5, atol=1e-5)

@@ -73,14 +73,8 @@ for ctr in "${CTRS[@]}"; do
         packed="$PACKED/ctr$ctr.npz"   # else the layout of run_assisted.py's archive
         [ -f "$packed" ] || packed="$PACKED/ctr$ctr/slice.packed.npz"
         "$PY" workflow/benchmarks/pack_slice.py unpack "$packed" "$dir/slice.npz" || exit 1
-        "$PY" - "$dir/slice.npz" "$DEVICE" <<'EOF' 2>&1 | tee -a "$RESULTS/logs/gpu_grid.log" || exit 1
-import sys, time, numpy as np, torch
-from equipet.assisted.central_slice import slice_system_matrix
-t0 = time.perf_counter()
-system = slice_system_matrix(dict(np.load(sys.argv[1])), sys.argv[2], 1 << 20)
-torch.save(system.to("cpu").state_dict(), sys.argv[1].replace("slice.npz", "system.pt"))
-print(f"system.pt: {system.n_events} events, {system.nnz} non-zeros, built and saved in {time.perf_counter() - t0:.1f} s")
-EOF
+        "$PY" workflow/benchmarks/pack_slice.py system "$dir/slice.npz" config/config.yaml "$RESULTS/gpu.yaml" 2>&1 \
+            | tee -a "$RESULTS/logs/gpu_grid.log" || exit 1
     fi
 done
 

@@ -2,13 +2,15 @@
 
     python workflow/benchmarks/pack_slice.py pack   results/assisted/ctr100/slice.npz ctr100.packed.npz
     python workflow/benchmarks/pack_slice.py unpack ctr100.packed.npz results/assisted/ctr100/slice.npz
+    python workflow/benchmarks/pack_slice.py system results/assisted/ctr100/slice.npz config/config.yaml [more.yaml ...]
 
 Lossless for every array the assisted runs read: the event end points ``p1``, ``p2`` (a few
 hundred thousand distinct crystal/depth positions) are stored as indices into their table of
 distinct points, and the arrays no run reads (``background_out_of_slab`` and
 ``background_additive``, whose sum is ``background``; the MLEM baseline images, which are in
 ``baselines.csv``) are left out. ``unpack`` checks the points it rebuilds against the stored
-checksum. Used by ``gpu_grid.sh`` to fit the three CTRs' slices into one transfer, and by
+checksum. ``system`` builds an unpacked slice's stored matrix (``system.pt`` beside it, on the
+device the merged config files name), as ``equipet-central-slice --system-out`` does. Used by ``gpu_grid.sh`` to fit the three CTRs' slices into one transfer, and by
 ``run_assisted.py`` to keep them in its archive (``slice_digest`` ties a run to its slice).
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +78,25 @@ def unpack(src: str | Path, dst: str | Path) -> None:
     np.savez(dst, p1=p1, p2=p2, **d)
 
 
+def write_system(slice_path: str | Path, cfg: dict) -> str:
+    """Build the stored matrix of the slice ``slice_path`` (``system.pt`` beside it) on ``cfg["device"]``,
+    as ``equipet-central-slice --system-out`` writes it; returns a line saying what was built."""
+    from equipet.assisted.central_slice import write_slice_system_matrix
+
+    slice_path = Path(slice_path)
+    t0 = time.perf_counter()
+    with np.load(slice_path) as f:
+        system = write_slice_system_matrix({k: f[k] for k in f.files}, cfg, slice_path.with_name("system.pt"))
+    return (f"{slice_path.with_name('system.pt')}: {system.n_events} events, {system.nnz} non-zeros, "
+            f"built on {cfg['device']} and saved in {time.perf_counter() - t0:.1f} s")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] not in ("pack", "unpack"):
+    if sys.argv[1:2] == ["system"] and len(sys.argv) >= 4:
+        from equipet.config import load_config
+
+        print(write_system(sys.argv[2], load_config(sys.argv[3:])), flush=True)
+    elif len(sys.argv) == 4 and sys.argv[1] in ("pack", "unpack"):
+        (pack if sys.argv[1] == "pack" else unpack)(sys.argv[2], sys.argv[3])
+    else:
         raise SystemExit(__doc__)
-    (pack if sys.argv[1] == "pack" else unpack)(sys.argv[2], sys.argv[3])

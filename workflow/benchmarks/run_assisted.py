@@ -120,16 +120,6 @@ class SliceStore:
             shutil.copy2(self.dir / "mlem_timing.json", self.mlem_timing)
 
 
-def build_system(slice_path: Path, cfg: dict) -> None:
-    """The slice's stored matrix (``system.pt``), as ``equipet-central-slice --system-out`` writes it."""
-    import numpy as np
-
-    from equipet.assisted.central_slice import write_slice_system_matrix
-
-    with np.load(slice_path) as f:
-        write_slice_system_matrix({k: f[k] for k in f.files}, cfg, slice_path.with_name("system.pt"))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configfile", nargs="+", default=["config/config.yaml"],
@@ -162,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if not slice_path.exists() and store is not None and store.packed.exists() and not args.dry_run:
             print(f"ctr{ctr}: slice unpacked from {store.packed}, its stored matrix built", flush=True)
             store.restore()
-            build_system(slice_path, cfg)
+            print(pack_slice.write_system(slice_path, cfg), flush=True)
         if not slice_path.exists():
             if args.dry_run and store is not None and store.packed.exists():
                 print(f"ctr{ctr}: would unpack the slice of {store.packed}", flush=True)
@@ -176,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {slice_path} does not exist{held}: make it first with "
                              f"snakemake --configfile {' '.join(args.configfile)} --cores all {slice_path}")
         if not (slice_path.parent / "system.pt").exists() and not starts_nothing:
-            build_system(slice_path, cfg)
+            print(pack_slice.write_system(slice_path, cfg), flush=True)
         digests[ctr] = pack_slice.slice_digest(slice_path)
         if store is not None:
             archived = store.digest()
