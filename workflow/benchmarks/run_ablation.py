@@ -24,7 +24,8 @@ makes the exit status 1.
 borrowed GPU): each run that finishes has its small files (``metrics.csv``, ``loss.csv``,
 ``timing.json``, ``configuration.json``, and the settings its numbers depend on as
 ``settings.json``) copied to ``DIR/<grid|confirm>/<experiment>/<name>/seed<N>/``, and at the
-start every archived run missing from the results is copied back, so it counts as finished. An
+start every archived run missing from the results is copied back, so it counts as finished
+(with ``--dry-run`` nothing is copied; such a run is listed as finished). An
 archived run trained with other settings than the current configuration's is refused (the
 message names the run and the first field that differs) rather than mixed into the tables. A
 tracked folder (``workflow/benchmarks/measured/cpu2_ablation_runs``) makes git the store.
@@ -39,7 +40,6 @@ for it, so aggregate restored runs with those two commands.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import subprocess
@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "workflow"))
 
 from equipet.study import ablation  # noqa: E402
-from equipet.study.archive import Archive, add_runner_arguments  # noqa: E402
+from equipet.study.archive import Archive, RunKeeper, add_runner_arguments  # noqa: E402
 from equipet.config import load_config  # noqa: E402
 
 
@@ -140,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="equipet-ablation-"))
     archive = Archive(args.archive if args.archive.is_absolute() else Path.cwd() / args.archive,
                       results / "ablation", ARCHIVED_FILES) if args.archive else None
-    counts = {"restored": 0, "checkpoints restored": 0, "archived": 0, "checkpoints archived": 0}
     starts_nothing = args.dry_run or args.archive_only
     all_results: list[tuple[str, float, int, Path]] = []
     t_start = time.perf_counter()
@@ -148,28 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     def finished(run_dir: Path) -> bool:
         return (run_dir / "metrics.csv").exists() and (run_dir / "configuration.json").exists()
 
+    keeper = RunKeeper(archive, finished, archive_only=args.archive_only, dry_run=args.dry_run, match=args.match)
+
     def todo(runs: list[tuple[str, Path, list[str], dict]]) -> list[Job]:
         out: list[Job] = []
         for label, run_dir, cmd, settings in runs:
-            if archive is not None:
-                if args.archive_only:
-                    done = finished(run_dir)
-                    if archive.keep(run_dir, settings, finished=done):
-                        counts["archived" if done else "checkpoints archived"] += 1
-                        print(f"archived {label}: {'finished' if done else 'its checkpoint'}", flush=True)
-                    continue
-                restored = archive.restore(run_dir, finished(run_dir))
-                if restored:
-                    counts["restored" if restored == "finished" else "checkpoints restored"] += 1
-                    print(f"restored {label} from {archive.root}: "
-                          + ("finished" if restored == "finished" else "its checkpoint, to resume from"), flush=True)
-            if finished(run_dir):
-                print(f"skip {label}: finished", flush=True)
-                # a run finished before --archive was given is archived now; one already there is left
-                if archive is not None and archive.keep(run_dir, settings, finished=True):
-                    counts["archived"] += 1
-                continue
-            if args.match and not any(fnmatch.fnmatchcase(label, pat) for pat in args.match):
+            if not keeper.to_train(label, run_dir, settings):
                 continue
             after = (lambda d=run_dir, st=settings: archive.save(d, st, finished=True)) if archive else None
             out.append((label, cmd, logs / f"{label.replace('/', '_')}.log", after))
@@ -234,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only == "all":
         go(todo(stages["rest"]))
 
-    if archive is not None:
-        print(f"archive {archive.root}: " + ", ".join(f"{v} {k}" for k, v in counts.items()), flush=True)
+    if keeper.summary():
+        print(keeper.summary(), flush=True)
     wall = time.perf_counter() - t_start
     failed = [r for r in all_results if r[2] != 0]
     if all_results:

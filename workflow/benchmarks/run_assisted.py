@@ -39,7 +39,6 @@ aggregate the runs as the rules ``assisted_summary`` and ``paper_claims`` do.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import shutil
@@ -56,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pack_slice  # noqa: E402
 from equipet.config import load_config  # noqa: E402
 from equipet.files import atomic_path  # noqa: E402
-from equipet.study.archive import Archive, add_runner_arguments  # noqa: E402
+from equipet.study.archive import Archive, RunKeeper, add_runner_arguments  # noqa: E402
 
 RUN_FILES = ("metrics.csv", "loss.csv", "timing.json", "eval.npz", "summary.json")
 MODELS = ("scnn", "cnn")
@@ -197,28 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     def finished(run_dir: Path) -> bool:
         return all((run_dir / n).exists() for n in RUN_FILES)
 
-    todo = []
-    counts = {"restored": 0, "checkpoints restored": 0, "archived": 0, "checkpoints archived": 0}
-    for label, run_dir, settings, key in runs:
-        if archive is not None and args.archive_only:
-            done = finished(run_dir)
-            if archive.keep(run_dir, settings, finished=done):
-                counts["archived" if done else "checkpoints archived"] += 1
-                print(f"archived {label}: {'finished' if done else 'its checkpoint'}", flush=True)
-            continue
-        if archive is not None and not args.dry_run:
-            restored = archive.restore(run_dir, finished(run_dir))
-            if restored:
-                counts["restored" if restored == "finished" else "checkpoints restored"] += 1
-                print(f"restored {label}: " + ("finished" if restored == "finished" else "its checkpoint"), flush=True)
-        if finished(run_dir):
-            if archive is not None and not args.dry_run and archive.keep(run_dir, settings, finished=True):
-                counts["archived"] += 1
-            print(f"skip {label}: finished", flush=True)
-            continue
-        if args.match and not any(fnmatch.fnmatchcase(label, pat) for pat in args.match):
-            continue
-        todo.append((label, run_dir, settings, key))
+    keeper = RunKeeper(archive, finished, archive_only=args.archive_only, dry_run=args.dry_run, match=args.match)
+    todo = [run for run in runs if keeper.to_train(*run[:3])]
 
     threads = str(os.cpu_count() or 1)
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, MPLBACKEND="Agg",
@@ -249,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(label)
         elif archive is not None:
             archive.save(run_dir, settings, finished=True)
-    if archive is not None:
-        print(f"archive {archive.root}: " + ", ".join(f"{v} {k}" for k, v in counts.items()), flush=True)
+    if keeper.summary():
+        print(keeper.summary(), flush=True)
     if todo and not starts_nothing:
         print(f"{len(todo)} runs in {time.perf_counter() - t_start:.1f} s on {cfg['device']}; {len(failed)} failed",
               flush=True)

@@ -14,10 +14,11 @@ that differs, rather than mixed into the tables.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import gzip
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from equipet.files import atomic_path
@@ -145,6 +146,59 @@ class Archive:
         if finished and self.holds_finished(run_dir):
             return False
         return self.save(run_dir, settings, finished)
+
+
+class RunKeeper:
+    """What both runners do with each planned run before any training, and what they count.
+
+    With ``archive_only`` a run is kept in the archive (:meth:`Archive.keep`: finished, or its
+    latest checkpoint) and nothing trains. Otherwise a run is first restored from the archive
+    (finished, or a checkpoint to resume from); a finished run is skipped, and archived if the
+    archive lacks it (one finished before ``--archive`` was given); the others train when their
+    label matches one of ``match`` (all, when None). ``dry_run`` writes nothing: a run the archive
+    holds finished counts as finished without being copied.
+    """
+
+    def __init__(self, archive: Archive | None, finished: Callable[[Path], bool], *, archive_only: bool = False,
+                 dry_run: bool = False, match: Sequence[str] | None = None) -> None:
+        if archive_only and archive is None:
+            raise ValueError("archive_only needs an archive")
+        self.archive, self.finished = archive, finished
+        self.archive_only, self.dry_run, self.match = archive_only, dry_run, match
+        self.counts = dict.fromkeys(("restored", "checkpoints restored", "archived", "checkpoints archived"), 0)
+
+    def to_train(self, label: str, run_dir: Path, settings: dict) -> bool:
+        """Whether the run ``label`` (folder ``run_dir``, trained with ``settings``) trains now;
+        prints what was done with it."""
+        a = self.archive
+        if a is not None and self.archive_only:
+            done = self.finished(run_dir)
+            if a.keep(run_dir, settings, finished=done):
+                self.counts["archived" if done else "checkpoints archived"] += 1
+                print(f"archived {label}: {'finished' if done else 'its checkpoint'}", flush=True)
+            return False
+        if a is not None and self.dry_run:
+            if not self.finished(run_dir) and a.holds_finished(run_dir):
+                print(f"skip {label}: finished in {a.root} (restored when run without --dry-run)", flush=True)
+                return False
+        elif a is not None:
+            restored = a.restore(run_dir, self.finished(run_dir))
+            if restored:
+                self.counts["restored" if restored == "finished" else "checkpoints restored"] += 1
+                print(f"restored {label}: "
+                      + ("finished" if restored == "finished" else "its checkpoint, to resume from"), flush=True)
+        if self.finished(run_dir):
+            if a is not None and not self.dry_run and a.keep(run_dir, settings, finished=True):
+                self.counts["archived"] += 1
+            print(f"skip {label}: finished", flush=True)
+            return False
+        return self.match is None or any(fnmatch.fnmatchcase(label, pat) for pat in self.match)
+
+    def summary(self) -> str | None:
+        """The archive's counts, one line (None without an archive)."""
+        if self.archive is None:
+            return None
+        return f"archive {self.archive.root}: " + ", ".join(f"{v} {k}" for k, v in self.counts.items())
 
 
 def add_runner_arguments(p: argparse.ArgumentParser, labels: str) -> None:
