@@ -9,9 +9,11 @@ hundred thousand distinct crystal/depth positions) are stored as indices into th
 distinct points, and the arrays no run reads (``background_out_of_slab`` and
 ``background_additive``, whose sum is ``background``; the MLEM baseline images, which are in
 ``baselines.csv``) are left out. ``unpack`` checks the points it rebuilds against the stored
-checksum. ``system`` builds an unpacked slice's stored matrix (``system.pt`` beside it, on the
-device the merged config files name), as ``equipet-central-slice --system-out`` does. Used by ``gpu_grid.sh`` to fit the three CTRs' slices into one transfer, and by
+checksum. Used by ``gpu_grid.sh`` to fit the three CTRs' slices into one transfer, and by
 ``run_assisted.py`` to keep them in its archive (``slice_digest`` ties a run to its slice).
+
+``system`` builds an unpacked slice's stored matrix (``system.pt`` beside it, on the device the
+merged config files name) as ``equipet-central-slice --system-out`` does; both callers use it.
 """
 
 from __future__ import annotations
