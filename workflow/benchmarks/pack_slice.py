@@ -93,12 +93,16 @@ def write_system(slice_path: str | Path, cfg: dict) -> str:
             f"built on {cfg['device']} and saved in {time.perf_counter() - t0:.1f} s")
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["system"] and len(sys.argv) >= 4:
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["system"] and len(argv) >= 3:
         from equipet.config import load_config
 
-        print(write_system(sys.argv[2], load_config(sys.argv[3:])), flush=True)
-    elif len(sys.argv) == 4 and sys.argv[1] in ("pack", "unpack"):
-        (pack if sys.argv[1] == "pack" else unpack)(sys.argv[2], sys.argv[3])
+        print(write_system(argv[1], load_config(argv[2:])), flush=True)
+    elif len(argv) == 3 and argv[0] in ("pack", "unpack"):
+        (pack if argv[0] == "pack" else unpack)(argv[1], argv[2])
     else:
         raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
