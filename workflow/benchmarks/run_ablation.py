@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only == "all":
         go(todo(stages["rest"]))
 
-    if keeper.summary():
-        print(keeper.summary(), flush=True)
+    if (summary := keeper.summary()) is not None:
+        print(summary, flush=True)
     wall = time.perf_counter() - t_start
     failed = [r for r in all_results if r[2] != 0]
     if all_results:

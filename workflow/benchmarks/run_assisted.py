@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(label)
         elif archive is not None:
             archive.save(run_dir, settings, finished=True)
-    if keeper.summary():
-        print(keeper.summary(), flush=True)
+    if (summary := keeper.summary()) is not None:
+        print(summary, flush=True)
     if todo and not starts_nothing:
         print(f"{len(todo)} runs in {time.perf_counter() - t_start:.1f} s on {cfg['device']}; {len(failed)} failed",
               flush=True)
