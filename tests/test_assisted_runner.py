@@ -39,6 +39,23 @@ def tiny_grid(path: Path, results: Path, **assisted) -> Path:
     return path
 
 
+def write_baselines(path: Path, ctr_ps: float) -> None:
+    """A baselines.csv as the central-slice stage writes it: MLEM at the networks' input iteration
+    resolves the rods of 4.5 mm and more, at its best iteration those of 2.2 mm and more."""
+    rows = [{"experiment": "assisted", "model": model, "seed": 0, "epoch": it, "ctr_ps": ctr_ps, "split": "baseline",
+             "filter_fwhm_mm": 0.0, "metric": metric, "value": value, "rod_mm": rod}
+            for model, it, smallest in (("mlem_early", 2, 4.5), ("mlem_best", 10, 2.2))
+            for rod in (6.5, 5.5, 4.5, 3.5, 2.2, 1.6)
+            for metric, value in (("crc", 0.1 * rod), ("resolved", float(rod >= smallest)))]
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def tables(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(REPO / "workflow"))
+    return subprocess.run([sys.executable, str(REPO / "workflow" / "benchmarks" / "assisted_tables.py"), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
 def runner(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(REPO / "workflow"))
     return subprocess.run([sys.executable, str(REPO / "workflow" / "benchmarks" / "run_assisted.py"), *args],
@@ -61,7 +78,7 @@ def test_assisted_runner_carries_the_grid_to_a_fresh_machine(tmp_path):
     ctr_a = a / "assisted" / "ctr100"
     ctr_a.mkdir(parents=True)
     write_tiny_slice(ctr_a)
-    (ctr_a / "baselines.csv").write_text("iteration,crc\n2,0.5\n")
+    write_baselines(ctr_a / "baselines.csv", ctr_ps=100.0)
     (a / "recon" / "ctr100").mkdir(parents=True)
     (a / "recon" / "ctr100" / "timing.json").write_text('{"total_time_s": 1.0}\n')
     cfg_a, cfg_b = tiny_grid(tmp_path / "a.yaml", a), tiny_grid(tmp_path / "b.yaml", b)
@@ -131,6 +148,41 @@ def test_assisted_runner_carries_the_grid_to_a_fresh_machine(tmp_path):
     assert (archive / "ctr100" / "poisson" / "cnn" / "seed0" / "loss.csv.gz").exists()
     assert not (archive / "ctr100" / "poisson" / "cnn" / "seed0" / "checkpoint.pt").exists()
 
+    # the measured tables come from the archive alone: what the rules assisted_summary and
+    # paper_claims make of the same runs, the runs' own times and final metrics, what is left
+    made = tables("--configfile", quick, str(cfg_b), "--archive", str(archive),
+                  "--out-prefix", str(tmp_path / "t_"), "--markdown")
+    assert made.returncode == 0, made.stdout + made.stderr
+    for method in ("paper", "poisson"):
+        summary = pd.read_csv(tmp_path / f"t_assisted_summary_ctr100_{method}.csv").set_index("model")
+        assert set(summary.index) == {"mlem_early", "mlem_best", "cnn"} and summary.loc["cnn", "n_seeds"] == 1
+        own = pd.read_csv(ctr_a / method / "cnn" / "seed0" / "metrics.csv").query(
+            "split == 'train' and epoch == 4 and metric == 'crc'")
+        assert own["value"].notna().any()
+        for rod, value in zip(own["rod_mm"], own["value"]):
+            assert summary.loc["cnn", f"crc_{rod:g}mm_mean"] == pytest.approx(value, rel=1e-12, nan_ok=True)
+        assert summary.loc["mlem_best", "crc_6.5mm_mean"] == pytest.approx(0.65)
+    per_run = pd.read_csv(tmp_path / "t_assisted_grid_runs.csv").set_index("run")
+    assert list(per_run.index) == ["ctr100/paper/cnn/seed0", "ctr100/poisson/cnn/seed0"]
+    assert per_run.loc["ctr100/poisson/cnn/seed0", "resumed_from_epoch"] == 2
+    assert (per_run["epochs"] == 4).all() and (per_run["concurrent_jobs"] == 1).all()
+    assert per_run.loc["ctr100/paper/cnn/seed0", "nrmse"] == pytest.approx(own_final(ctr_a, "paper", "nrmse"))
+    assert "| 100 ps | `poisson` | CNN | 0 |" in made.stdout
+    left = pd.read_csv(tmp_path / "t_assisted_grid_left.csv")
+    assert list(left["run"]) == ["ctr100/paper/scnn/seed0", "ctr100/poisson/scnn/seed0"]
+    assert left["estimate_s"].isna().all() and "no paper SCNN run has finished" in left["basis"].iloc[0]
+    assert "2 runs left" in made.stdout and "2 without one" in made.stdout
+    for rules in ("", "_rules2"):
+        claims = pd.read_csv(tmp_path / f"t_paper_claims_assisted_grid{rules}.csv")
+        cnn = claims[(claims.claim_id == "assisted_cnn_smallest_resolved") & (claims.method == "paper")].iloc[0]
+        assert cnn["n"] == 1 and cnn["ctr_ps"] == 100.0 and claims["verdict"].notna().all()
+        assert {"assisted_cnn_finer_than_mlem2", "assisted_mlem_iteration_time"} <= set(claims.claim_id)
+    # the archived baselines reach the claims: MLEM resolves 4.5 mm at the input iteration, 2.2 mm at its best
+    claims = pd.read_csv(tmp_path / "t_paper_claims_assisted_grid.csv").query("method == 'poisson'")
+    value = claims.set_index("claim_id")["measured_mean"]
+    assert value["assisted_cnn_finer_than_mlem2"] - value["assisted_cnn_vs_mlem_best"] == pytest.approx(4.5 - 2.2)
+    assert "scale: runs of 4 epochs, the claim needs 60000" in cnn_reason(tmp_path / "t_paper_claims_assisted_grid.csv")
+
     # refused: other settings than the archived runs', or another slice than the archived one
     other = runner("--configfile", quick, str(tiny_grid(tmp_path / "lr.yaml", b, learning_rate=0.5)),
                    "--archive", str(archive), "--dry-run")
@@ -141,6 +193,40 @@ def test_assisted_runner_carries_the_grid_to_a_fresh_machine(tmp_path):
     moved = runner("--configfile", quick, str(tiny_grid(tmp_path / "c.yaml", c)), "--archive", str(archive), "--dry-run")
     assert moved.returncode != 0 and "is not the slice the archived runs of ctr100 were trained on" in moved.stderr, \
         moved.stdout + moved.stderr
+
+
+def own_final(ctr_dir: Path, method: str, metric: str) -> float:
+    m = pd.read_csv(ctr_dir / method / "cnn" / "seed0" / "metrics.csv")
+    return float(m[(m.split == "train") & (m.epoch == m.epoch.max()) & (m.metric == metric)]["value"].iloc[0])
+
+
+def cnn_reason(claims_csv: Path) -> str:
+    claims = pd.read_csv(claims_csv)
+    return str(claims[(claims.claim_id == "assisted_cnn_smallest_resolved") & (claims.method == "paper")]
+               ["reason"].iloc[0])
+
+
+def test_assisted_time_left_uses_the_median_rate_of_runs_that_had_the_device_alone():
+    """Each unfinished run of the grid is estimated at the median seconds per epoch of the finished
+    runs of its method and network that ran alone, over the epochs its checkpoint leaves; a run
+    whose method and network never finished has no estimate, and says why."""
+    from assisted_tables import time_left
+
+    from equipet.config import load_config
+
+    cfg = load_config([REPO / "config" / "config.yaml"])
+    cfg["acquisition"]["ctrs_ps"], cfg["seeds"], cfg["assisted"]["epochs"] = [100], [0, 1, 2, 3], 1000
+    cfg["assisted"]["methods"] = ["paper"]
+    done = pd.DataFrame({"run": [f"ctr100/paper/scnn/seed{s}" for s in (0, 1, 2)],
+                         "method": "paper", "model": "scnn", "s_per_epoch": [0.1, 0.3, 9.0],
+                         "concurrent_jobs": [1, None, 3]})     # the third shared its device: not a rate
+    left = time_left(cfg, done, {"ctr100/paper/scnn/seed3": 400, "ctr100/paper/cnn/seed1": 250}).set_index("run")
+    assert list(left.index) == ["ctr100/paper/scnn/seed3"] + [f"ctr100/paper/cnn/seed{s}" for s in range(4)]
+    assert left.loc["ctr100/paper/scnn/seed3", "epochs_left"] == 600
+    assert left.loc["ctr100/paper/scnn/seed3", "estimate_s"] == pytest.approx(600 * 0.2)
+    assert left.loc["ctr100/paper/scnn/seed3", "basis"] == "median of 2 finished paper SCNN runs"
+    assert left.loc["ctr100/paper/cnn/seed1", "epochs_left"] == 750
+    assert left.loc[left.index.str.contains("/cnn/"), "estimate_s"].isna().all()
 
 
 def test_pack_slice_builds_the_stored_matrix_of_a_packed_slice(tmp_path):

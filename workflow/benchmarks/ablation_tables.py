@@ -73,7 +73,7 @@ def checkpoint_epochs(archive: Path) -> dict[str, int]:
     return out
 
 
-def _equipet(module: str, *args: str) -> None:
+def run_equipet(module: str, *args: str) -> None:
     """``equipet-<module> args`` through this interpreter; its output is shown only when it fails."""
     env = dict(os.environ, PYTHONPATH=str(REPO / "workflow"), MPLBACKEND="Agg")
     proc = subprocess.run(_command(module, *args), env=env, capture_output=True, text=True)
@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = json.dumps({k: cfg[k] for k in ("device", "seeds", "results_dir", "assisted")}, sort_keys=True)
     dirs = [str(d) for d in runs]
     with tempfile.TemporaryDirectory() as tmp:
-        _equipet("study.ablation", "summarise", "--settings", settings, "--runs", *dirs,
+        run_equipet("study.ablation", "summarise", "--settings", settings, "--runs", *dirs,
                  "--table", f"{prefix}ablation.csv", "--metrics", f"{tmp}/ablation_metrics.csv",
                  "--loss-figure", f"{tmp}/loss.png", "--quality-figure", f"{tmp}/quality.png")
         metrics = [str(d / "metrics.csv") for d in runs]
         for rules, name in ((1, "paper_claims_ablation.csv"), (2, "paper_claims_ablation_rules2.csv")):
-            _equipet("study.claims", "--settings", settings, "--metrics", *metrics, "--runs", *dirs,
+            run_equipet("study.claims", "--settings", settings, "--metrics", *metrics, "--runs", *dirs,
                      "--out", f"{prefix}{name}", "--rules", str(rules))
     per_run = run_rows(args.archive, runs)
     per_run.to_csv(f"{prefix}ablation_runs.csv", index=False)
