@@ -32,8 +32,9 @@ with every core, ``assisted.group_runs: run``'s layout) and, with ``--archive DI
 ``--match PATTERN ...`` starts only the runs whose label (``ctr<CTR>/<method>/<model>/seed<N>``)
 matches one of the shell patterns; ``--dry-run`` lists the runs that would start. Finished runs
 (all five files present) are skipped. Each run's ``timing.json`` records ``concurrent_jobs`` 1:
-one run has the device. Afterwards ``equipet-recon-figures summary`` and ``equipet-claims``
-aggregate the runs as the rules ``assisted_summary`` and ``paper_claims`` do.
+one run has the device. Afterwards ``assisted_tables.py --archive DIR`` (this folder) aggregates
+the archived runs with ``equipet-recon-figures summary`` and ``equipet-claims``, as the rules
+``assisted_summary`` and ``paper_claims`` do, and estimates the time the rest of the grid needs.
 """
 
 from __future__ import annotations
