@@ -187,6 +187,10 @@ def test_assisted_runner_carries_the_grid_to_a_fresh_machine(tmp_path):
     other = runner("--configfile", quick, str(tiny_grid(tmp_path / "lr.yaml", b, learning_rate=0.5)),
                    "--archive", str(archive), "--dry-run")
     assert other.returncode != 0 and "assisted.learning_rate differs" in other.stderr, other.stdout + other.stderr
+    mixed = tables("--configfile", quick, str(tmp_path / "lr.yaml"), "--archive", str(archive),
+                   "--out-prefix", str(tmp_path / "lr_"))
+    assert mixed.returncode != 0 and "assisted.learning_rate differs" in mixed.stderr, mixed.stdout + mixed.stderr
+    assert not list(tmp_path.glob("lr_*"))
     c = tmp_path / "c"
     (c / "assisted" / "ctr100").mkdir(parents=True)
     write_tiny_slice(c / "assisted" / "ctr100", n=301)

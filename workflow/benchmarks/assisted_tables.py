@@ -25,7 +25,9 @@ keeps of a finished run):
   total is printed.
 
 ``--markdown`` prints the per-run table as Markdown as well. The grid and the settings
-(``assisted.plateau`` for the claims) come from ``--configfile``, as for the runner.
+(``assisted.plateau`` for the claims) come from ``--configfile``, as for the runner, which also
+refuses an archived run trained with other settings (or on another slice) than these, naming the
+field.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from ablation_tables import checkpoint_epochs, run_equipet   # this folder
-from run_assisted import REPO, RUN_FILES, grid, run_label   # this folder: the runner that writes the archive
+from run_assisted import REPO, RUN_FILES, grid, run_label, what_it_computes   # this folder: the archive's runner
 
 from equipet.assisted.figures import final_rows
 from equipet.config import load_config
@@ -136,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {args.archive} holds no finished run (folders with {', '.join(RUN_FILES)}, "
                              f"{', '.join(GZIPPED)} gzipped); run workflow/benchmarks/run_assisted.py with --archive "
                              "first")
-        for d in runs:
+        for d in runs:   # runs trained with other settings than --configfile's are refused, as by the runner
+            label = d.relative_to(archive.base).as_posix()
+            stored = Path(args.archive) / label.split("/")[0] / "slice.json"
+            digest = json.loads(stored.read_text())["sha256"] if stored.exists() else None
+            archive.check(label, d, what_it_computes(cfg, digest))
             archive.restore(d, finished=False)
         settings = json.dumps({k: cfg[k] for k in ("device", "seeds", "results_dir", "assisted")}, sort_keys=True)
         per_run = run_rows(archive, runs)
