@@ -97,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     dirs = [str(d) for d in runs]
     with tempfile.TemporaryDirectory() as tmp:
         run_equipet("study.ablation", "summarise", "--settings", settings, "--runs", *dirs,
-                 "--table", f"{prefix}ablation.csv", "--metrics", f"{tmp}/ablation_metrics.csv",
-                 "--loss-figure", f"{tmp}/loss.png", "--quality-figure", f"{tmp}/quality.png")
+                    "--table", f"{prefix}ablation.csv", "--metrics", f"{tmp}/ablation_metrics.csv",
+                    "--loss-figure", f"{tmp}/loss.png", "--quality-figure", f"{tmp}/quality.png")
         metrics = [str(d / "metrics.csv") for d in runs]
         for rules, name in ((1, "paper_claims_ablation.csv"), (2, "paper_claims_ablation_rules2.csv")):
             run_equipet("study.claims", "--settings", settings, "--metrics", *metrics, "--runs", *dirs,
-                     "--out", f"{prefix}{name}", "--rules", str(rules))
+                        "--out", f"{prefix}{name}", "--rules", str(rules))
     per_run = run_rows(args.archive, runs)
     per_run.to_csv(f"{prefix}ablation_runs.csv", index=False)
     left = ablation.time_left(cfg, per_run, checkpoint_epochs(args.archive))
