@@ -47,18 +47,20 @@ def finished_runs(archive: Path) -> list[Path]:
                   if all((d / f).exists() for f in ARCHIVED_FILES))
 
 
-def run_rows(archive: Path, runs: list[Path]) -> pd.DataFrame:
-    rows = []
-    for d in runs:
-        t = json.loads((d / "timing.json").read_text())
-        rows.append({
-            "run": d.relative_to(archive).as_posix(), "configuration": ablation.read_labels(d)["configuration"],
-            "n_parameters": t["n_parameters"], "epochs": t["epochs"], "total_s": round(t["total_s"], 1),
+def timing_fields(run_dir: Path) -> dict:
+    """A run's row of the per-run tables from its ``timing.json``: parameters, epochs, training time
+    summed over resumes, seconds per epoch, resume epoch, processes side by side, load, device, torch."""
+    t = json.loads((run_dir / "timing.json").read_text())
+    return {"n_parameters": t["n_parameters"], "epochs": t["epochs"], "total_s": round(t["total_s"], 1),
             "s_per_epoch": t["s_per_epoch"], "resumed_from_epoch": t.get("resumed_from_epoch"),
             "concurrent_jobs": t.get("concurrent_jobs"), "load_average_1min": (t.get("load_average_end") or [None])[0],
-            "device": t["device"], "torch": t["torch"],
-        })
-    return pd.DataFrame(rows)
+            "device": t["device"], "torch": t["torch"]}
+
+
+def run_rows(archive: Path, runs: list[Path]) -> pd.DataFrame:
+    return pd.DataFrame([{"run": d.relative_to(archive).as_posix(),
+                          "configuration": ablation.read_labels(d)["configuration"], **timing_fields(d)}
+                         for d in runs])
 
 
 def checkpoint_epochs(archive: Path) -> dict[str, int]:

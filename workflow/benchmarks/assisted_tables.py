@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ablation_tables import checkpoint_epochs, run_equipet   # this folder
+from ablation_tables import checkpoint_epochs, run_equipet, timing_fields   # this folder
 from run_assisted import REPO, RUN_FILES, grid, run_label, what_it_computes   # this folder: the archive's runner
 
 from equipet.assisted.figures import final_rows
@@ -72,16 +72,10 @@ def final_metrics(metrics: pd.DataFrame) -> dict[str, float]:
 def run_rows(archive: Archive, runs: list[Path]) -> pd.DataFrame:
     rows = []
     for d in runs:
-        t = json.loads((d / "timing.json").read_text())
         ctr, method, model, seed = d.relative_to(archive.base).parts
-        rows.append({
-            "run": d.relative_to(archive.base).as_posix(), "ctr_ps": int(ctr.removeprefix("ctr")),
-            "method": method, "model": model, "seed": int(seed.removeprefix("seed")),
-            "n_parameters": t["n_parameters"], "epochs": t["epochs"], "total_s": round(t["total_s"], 1),
-            "s_per_epoch": t["s_per_epoch"], "resumed_from_epoch": t.get("resumed_from_epoch"),
-            "concurrent_jobs": t.get("concurrent_jobs"), "load_average_1min": (t.get("load_average_end") or [None])[0],
-            "device": t["device"], "torch": t["torch"], **final_metrics(pd.read_csv(d / "metrics.csv")),
-        })
+        rows.append({"run": d.relative_to(archive.base).as_posix(), "ctr_ps": int(ctr.removeprefix("ctr")),
+                     "method": method, "model": model, "seed": int(seed.removeprefix("seed")), **timing_fields(d),
+                     **final_metrics(pd.read_csv(d / "metrics.csv"))})
     return pd.DataFrame(rows)
 
 
