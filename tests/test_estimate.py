@@ -42,7 +42,7 @@ def test_parse_dry_run_reads_jobs_and_checks_the_job_stats():
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_estimate(tmp_path_factory):
     """equipet-estimate on the quick configuration in a fresh checkout (no results yet), on the CPU."""
     work = copy_checkout(tmp_path_factory.mktemp("estimate"))
     out = work / "estimate.json"
@@ -51,8 +51,8 @@ def quick_run(tmp_path_factory):
     return work, json.loads(out.read_text())
 
 
-def test_quick_estimate_counts_the_jobs_of_the_configuration(quick_run, quick_config):
-    work, result = quick_run
+def test_quick_estimate_counts_the_jobs_of_the_configuration(quick_estimate, quick_config):
+    work, result = quick_estimate
     stages = {s["name"]: s for s in result["stages"]}
     cfg = quick_config
     runs_per_method = len(cfg["acquisition"]["ctrs_ps"]) * 2 * len(cfg["seeds"])   # CTRs x models x seeds
@@ -66,11 +66,11 @@ def test_quick_estimate_counts_the_jobs_of_the_configuration(quick_run, quick_co
     assert stages["normalisation"]["jobs"] == 1 and stages["normalisation"]["serial_s"] > 0
 
 
-def test_estimate_scales_with_the_configured_epochs(quick_run, quick_config):
+def test_estimate_scales_with_the_configured_epochs(quick_estimate, quick_config):
     """Doubling assisted.epochs doubles the assisted stages, doubling the blank scan's decays and
     chord pairs doubles the normalisation, and nothing else changes; the brain stage follows
     denoise.epochs. (Same measured costs, so the comparison is exact.)"""
-    work, result = quick_run
+    work, result = quick_estimate
     costs = est.Costs.from_dict(result["costs"])
     jobs = [est.Job(**j) for j in result["jobs"]]
     # the work of each stage: its serial time less every job's process start
@@ -94,8 +94,30 @@ def test_estimate_scales_with_the_configured_epochs(quick_run, quick_config):
     assert doubled["brain experiments"] == pytest.approx(base["brain experiments"] + 2 * denoise, rel=1e-9)
 
 
-def test_report_ends_with_the_quick_command(quick_run, quick_config):
-    _, result = quick_run
+def test_report_ends_with_the_quick_command(quick_estimate, quick_config):
+    _, result = quick_estimate
     costs = est.Costs.from_dict(result["costs"])
     text = est.report([], costs, quick_config, ["config/quick.yaml"], 2)
     assert text.splitlines()[-1].endswith(est.QUICK_COMMAND)
+
+
+def test_training_jobs_follow_training_threads_and_fewer_threads_count_longer(quick_estimate, quick_config):
+    """The training rules' jobs have the config's ``training_threads`` (the quick config's 1); a
+    training job's work, measured with the calibration's threads, counts as long again at half of
+    them (ideal scaling), while a job of another rule keeps its measured time."""
+    _, result = quick_estimate
+    costs = est.Costs.from_dict(result["costs"])
+    assert costs.torch_threads == 2
+    trains = [j for j in result["jobs"] if j["rule"] in ("train_brain", "assisted_train")]
+    assert trains and {j["threads"] for j in trains} == {quick_config["training_threads"]} == {1}
+    assert {j["threads"] for j in result["jobs"] if j["rule"] == "mlem"} == {2}
+
+    def work(rule, wildcards, threads):
+        return est.job_seconds(est.Job(rule, wildcards, threads, True), quick_config, costs) - costs.job_start_s
+
+    brain = {"experiment": "denoise", "model": "scnn", "seed": "0"}
+    assisted = {"ctr": "100", "method": "poisson", "model": "cnn", "seed": "0"}
+    for rule, wildcards in (("train_brain", brain), ("assisted_train", assisted)):
+        assert work(rule, wildcards, 2) > 0
+        assert work(rule, wildcards, 1) == pytest.approx(2 * work(rule, wildcards, 2), rel=1e-12)
+    assert work("simulate_job", {"ctr": "100", "job": "0"}, 1) == work("simulate_job", {"ctr": "100", "job": "0"}, 2) > 0

@@ -26,7 +26,7 @@ rule ablation_train:
     params:
         settings=lambda w: ablation_settings(w.configuration, w.experiment),
         out_dir=lambda w, output: str(Path(output.metrics).parent),
-    threads: 2
+    threads: TRAINING_THREADS
     resources:
         mem_mb=4000,
         runtime=720,
@@ -74,7 +74,7 @@ rule ablation_confirm:
     params:
         settings=lambda w: settings(w.experiment, "models", "training", "evaluation", "ablation"),
         out_dir=lambda w, output: str(Path(output.metrics).parent),
-    threads: 2
+    threads: TRAINING_THREADS
     resources:
         mem_mb=4000,
         runtime=720,

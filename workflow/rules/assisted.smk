@@ -65,7 +65,7 @@ if config["assisted"]["group_runs"] == "run":
         params:
             settings=settings("assisted", "models", "training", "phantom", "mlem"),
             out_dir=lambda w, output: str(Path(output.metrics).parent),
-        threads: 2
+        threads: TRAINING_THREADS
         resources:
             mem_mb=8000,
             runtime=720,
@@ -102,7 +102,7 @@ else:
             methods=" ".join(ASSISTED_METHODS),
             models=" ".join(MODELS),
             seeds=" ".join(str(s) for s in SEEDS),
-        threads: 2
+        threads: TRAINING_THREADS
         resources:
             mem_mb=16000,
             runtime=1440,

@@ -42,7 +42,7 @@ rule train_brain:
         settings=lambda w: settings(w.experiment, "models", "training", "evaluation"),
         command=lambda w: "equipet-denoise" if w.experiment == "denoise" else "equipet-radon-recon",
         out_dir=lambda w, output: str(Path(output.metrics).parent),
-    threads: 2
+    threads: TRAINING_THREADS
     resources:
         mem_mb=4000,
         runtime=720,

@@ -37,6 +37,8 @@ LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 MODELS = ["cnn", "scnn"]
 SEEDS = config["seeds"]
+# threads of every training job (snakemake sets OMP_NUM_THREADS to it, which torch follows)
+TRAINING_THREADS = config["training_threads"]
 SIM = f"{RESULTS}/sim"
 SIM_CTRS = config["acquisition"]["ctrs_ps"]
 SIM_JOBS = list(range(config["acquisition"]["n_jobs"]))

@@ -43,6 +43,10 @@ chosen device (about 10 to 30 s), and scaled by the configuration:
   ``poisson_full``, :class:`equipet.assisted.methods.ListmodePoissonLoss` with the on-the-fly projector
   over all ``N_s`` events (the same fraction of its matrix cached as ``assisted.cache_mb`` allows);
   ``l2``, the same per-event cost over ``N_s + assisted.l2_mc_lors`` LORs (approximate).
+* the training jobs (``train_brain``, ``assisted_train``) run with ``training_threads`` threads; their
+  work is measured with the calibration's torch threads (``min(2, cores)`` on the CPU) and counted
+  as ``calibration threads / job threads`` times as long: ideal scaling, an upper bound for a job
+  with fewer threads (the quick config's one) and a lower bound for one with more.
 * every job also pays its process start (Python, torch and equipet imported), measured once;
   for the other rules (figures, tables, merges, metrics) that is all that is counted.
   The ablation's runs and GATE jobs are counted but not timed.
@@ -464,11 +468,18 @@ def _slice_events_kept(cfg: Mapping[str, Any], costs: Costs, decays: float) -> f
     return min(n, cap) if cap is not None else n
 
 
+# rules whose jobs run with the config's training_threads (the rules' `threads:`)
+TRAINING_RULES = ("train_brain", "assisted_train")
+
+
 def job_seconds(job: Job, cfg: Mapping[str, Any], costs: Costs) -> float | None:
     """Estimated seconds of one job on the calibrated device (module doc); None when not timed."""
     if job.rule in ("ablation_train", "ablation_confirm", "gate_job"):
         return None
-    return costs.job_start_s + _work_seconds(job, cfg, costs)
+    work = _work_seconds(job, cfg, costs)
+    if job.rule in TRAINING_RULES and not costs.device.startswith("cuda"):
+        work *= costs.torch_threads / job.threads      # measured with the calibration's threads
+    return costs.job_start_s + work
 
 
 def _work_seconds(job: Job, cfg: Mapping[str, Any], costs: Costs) -> float:

@@ -47,7 +47,8 @@ def _main(argv: Sequence[str] | None) -> None:
     cfg = load_run_config(args.configfile, args.workdir)
     device = select_device(args.device or cfg["device"])
     if device.type == "cpu":
-        # every timed rule runs with at most 2 threads (its `threads:`), and so does the calibration
+        # the timed rules other than training run with at most 2 threads (their `threads:`), and so
+        # does the calibration; training jobs (`training_threads`) are scaled from it (module doc)
         torch.set_num_threads(max(1, min(2, cores)))
     jobs = runs_of_groups(dry_run_jobs(args.configfile, cores, args.workdir), cfg)
     costs = calibrate(cfg, device, jobs)
