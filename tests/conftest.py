@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,33 @@ def copy_checkout(dst: Path) -> Path:
         else:
             shutil.copy2(src, dst / name)
     return dst
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory) -> dict:
+    """The whole workflow with config/quick.yaml, run once per test session on 2 cores.
+
+    It runs in a copy of the checkout, with that copy's equipet package first on the path,
+    so that it runs the code the copy holds even while the checkout is being edited. The
+    workflow test checks its outputs; the SLURM test compares its cluster runs against it.
+    Returns the copy (``workdir``), its ``results`` and the run's ``wall`` time in seconds.
+    """
+    workdir = copy_checkout(tmp_path_factory.mktemp("quick_run"))
+    (workdir / "results").mkdir()
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+               PYTHONPATH=os.pathsep.join([str(workdir / "workflow"),
+                                           *filter(None, [os.environ.get("PYTHONPATH")])]))
+    log = workdir / "snakemake.log"
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile",
+                               "config/quick.yaml"], cwd=workdir, env=env, stdout=out,
+                              stderr=subprocess.STDOUT, text=True, timeout=1800)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, f"the quick run failed ({log}):\n" + log.read_text()[-6000:]
+    print(f"\nquick config, local run (--cores 2): {wall:.0f} s")
+    return {"workdir": workdir, "results": workdir / "results", "wall": wall}
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,13 @@ apt-get); any other failure to start the cluster fails them.
    job Snakemake did not run locally went through sbatch (an sbatch wrapper first on PATH
    records each call) and ran as a SLURM job (``squeue --states=all``, rule in the job
    comment) that COMPLETED; no local rule was submitted; the jobs per rule are those of the
-   dry run. Every CSV output equals that of a local run of the same config within RTOL
-   (the CPU training is deterministic per seed), and the same files are written.
+   dry run. The reference is the session's local run of the whole quick config (the
+   ``quick_run`` fixture the workflow test checks, run once for both): the SLURM run writes
+   a subset of its files, and every CSV equals the local run's within RTOL (the CPU training
+   is deterministic per seed, and each run's outputs depend on its own seed and CTR alone);
+   the tables that gather all runs are compared row by row after the local run's rows of the
+   seeds and CTRs the cut config leaves out are dropped, except those that average over the
+   seeds (SEED_AGGREGATES), which the cut run computes from other inputs.
 2. Fault: a training job is killed mid-run with ``scancel``. With ``--retries 0`` the run
    fails and leaves none of its outputs; the documented command then reruns it, the job is
    killed again, resubmitted by the profile's ``retries: 1``, and completes with the
@@ -52,8 +57,13 @@ CLUSTER = REPO / "workflow" / "slurm" / "local_cluster.sh"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 # The quick config cut to one seed and one CTR: every rule still runs (brain, simulation,
 # normalisation, MLEM, PSF, both assisted methods, aggregation), in about a third of the jobs,
-# so that a one-node cluster that runs one 2-CPU job at a time stays within the time limits.
-SLURM_TEST_CONFIG = "seeds: [0]\nacquisition:\n  ctrs_ps: [100]\n"
+# so that a one-node, 2-CPU cluster stays within the time limits.
+CUT_SEEDS, CUT_CTRS = [0], [100]
+SLURM_TEST_CONFIG = f"seeds: {CUT_SEEDS}\nacquisition:\n  ctrs_ps: {CUT_CTRS}\n"
+# Tables of results/tables/ that average over the seeds (seed means and SDs, claims decided
+# over seeds): the cut run's differ from the full quick run's by design. Every input they
+# are made of is compared, and the workflow test checks them against their rules.
+SEED_AGGREGATES = re.compile(r"^tables/(assisted_summary_|paper_claims)")
 QUICK = ["--configfile", "config/quick.yaml", "slurm_test.yaml"]
 # The metrics of a SLURM run and a local run must agree to this (relative and absolute)
 # tolerance. Same code, same seeds, same CPU and thread count: in practice they are equal.
@@ -264,37 +274,79 @@ def _without_timings(df: pd.DataFrame) -> pd.DataFrame:
     return df[~timed].reset_index(drop=True)
 
 
-def _assert_same_tables(got: Path, want: Path, names: list[str]) -> None:
+def _assert_same_frames(a: pd.DataFrame, b: pd.DataFrame, name: str) -> None:
     """Same rows; numbers within RTOL/ATOL, everything else equal; wall-clock columns skipped."""
+    a, b = _without_timings(a), _without_timings(b)
+    assert list(a.columns) == list(b.columns) and len(a) == len(b), (name, a.shape, b.shape)
+    keys = [c for c in a.columns if not pd.api.types.is_float_dtype(a[c])]
+    if keys:
+        a = a.sort_values(keys, kind="stable").reset_index(drop=True)
+        b = b.sort_values(keys, kind="stable").reset_index(drop=True)
+    for col in a.columns:
+        if pd.api.types.is_float_dtype(a[col]):
+            close = np.isclose(a[col], b[col], rtol=RTOL, atol=ATOL, equal_nan=True)
+            assert close.all(), f"{name}: {col} differs beyond rtol={RTOL}:\n{a[~close]}\n{b[~close]}"
+        else:
+            assert (a[col].astype(str) == b[col].astype(str)).all(), f"{name}: {col} differs"
+
+
+def _assert_same_tables(got: Path, want: Path, names: list[str]) -> None:
+    """Each named CSV under ``got`` equals the one under ``want`` (see _assert_same_frames)."""
     assert names, f"nothing to compare under {got}"
     for name in names:
-        a, b = _without_timings(pd.read_csv(got / name)), _without_timings(pd.read_csv(want / name))
-        assert list(a.columns) == list(b.columns) and len(a) == len(b), name
-        keys = [c for c in a.columns if not pd.api.types.is_float_dtype(a[c])]
-        if keys:
-            a = a.sort_values(keys, kind="stable").reset_index(drop=True)
-            b = b.sort_values(keys, kind="stable").reset_index(drop=True)
-        for col in a.columns:
-            if pd.api.types.is_float_dtype(a[col]):
-                close = np.isclose(a[col], b[col], rtol=RTOL, atol=ATOL, equal_nan=True)
-                assert close.all(), f"{name}: {col} differs beyond rtol={RTOL}:\n{a[~close]}\n{b[~close]}"
-            else:
-                assert (a[col].astype(str) == b[col].astype(str)).all(), f"{name}: {col} differs"
+        _assert_same_frames(pd.read_csv(got / name), pd.read_csv(want / name), name)
 
 
-@pytest.fixture(scope="module")
-def local_run(snapshot, tmp_path_factory) -> dict:
-    """The quick config, run locally (the reference for the SLURM runs)."""
-    workdir = _copy_checkout(snapshot, tmp_path_factory.mktemp("local"))
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1",
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
-    rc, wall, log = _run(workdir, ["--cores", "2", *QUICK], env, workdir / "snakemake.log")
-    assert rc == 0, log[-6000:]
-    print(f"\nquick config, local run (--cores 2): {wall:.0f} s")
-    return {"results": workdir / "results", "wall": wall}
+def _without_left_out_runs(df: pd.DataFrame, quick_config: dict) -> pd.DataFrame:
+    """The rows of a gathered table of the full quick run that the cut config also makes: those
+    of the seeds and CTRs it leaves out are dropped (rows without a seed or CTR, or with the
+    acquisition's seed, stay)."""
+    left_out = {"seed": set(quick_config["seeds"]) - set(CUT_SEEDS),
+                "ctr_ps": set(quick_config["acquisition"]["ctrs_ps"]) - set(CUT_CTRS)}
+    keep = np.ones(len(df), dtype=bool)
+    for col, values in left_out.items():
+        if col in df.columns:
+            keep &= ~df[col].isin(values)
+    return df[keep].reset_index(drop=True)
 
 
-def test_quick_config_on_slurm(slurm, snapshot, local_run, tmp_path_factory):
+def _outputs(results: Path) -> set[str]:
+    """The files a run wrote, less logs and benchmarks (and the report, which `--report` makes
+    afterwards, not the run)."""
+    return {str(p.relative_to(results)) for p in results.rglob("*") if p.is_file()
+            and not {"logs", "benchmarks"} & set(p.relative_to(results).parts) and p.name != "report.html"}
+
+
+def _left_out(path: str, quick_config: dict) -> bool:
+    """Whether an output path of the full quick run belongs to a seed or CTR the cut config leaves
+    out (``.../seed1/...``, ``ctr50/``, ``..._ctr200_...``)."""
+    seeds = set(quick_config["seeds"]) - set(CUT_SEEDS)
+    ctrs = set(quick_config["acquisition"]["ctrs_ps"]) - set(CUT_CTRS)
+    words = [f"seed{s}" for s in seeds] + [f"ctr{c:g}" for c in ctrs]
+    return any(re.search(rf"(?:^|[/_]){w}(?=[/_.]|$)", path) for w in words)
+
+
+def _assert_same_as_full_quick_run(results: Path, full: Path, quick_config: dict) -> list[str]:
+    """The cut config's CSVs under ``results`` equal the full quick run's: per-run files as they
+    are, gathered tables less the left-out seeds' and CTRs' rows, seed aggregates skipped.
+    Returns the names compared."""
+    names = _tables(results)
+    assert names, f"nothing to compare under {results}"
+    assert set(names) <= set(_tables(full)), set(names) - set(_tables(full))
+    compared = []
+    for name in names:
+        if SEED_AGGREGATES.match(name):
+            continue
+        want = pd.read_csv(full / name)
+        if name.startswith("tables/"):
+            want = _without_left_out_runs(want, quick_config)
+        _assert_same_frames(pd.read_csv(results / name), want, name)
+        compared.append(name)
+    assert any(n.startswith("tables/") for n in compared) and any(n.startswith("assisted/") for n in compared)
+    return compared
+
+
+def test_quick_config_on_slurm(slurm, snapshot, quick_run, quick_config, tmp_path_factory):
     workdir = _copy_checkout(snapshot, tmp_path_factory.mktemp("on_slurm"))
     env = slurm["env"]
     plan = _plan(workdir, env)
@@ -303,7 +355,7 @@ def test_quick_config_on_slurm(slurm, snapshot, local_run, tmp_path_factory):
     rc, wall, log = _run(workdir, args, env, workdir / "snakemake.log")
     assert rc == 0, log[-8000:]
     print(f"\nquick config, SLURM run (one 2-CPU node): {wall:.0f} s "
-          f"(local run: {local_run['wall']:.0f} s)")
+          f"(local run: {quick_run['wall']:.0f} s)")
     run_id = _run_id(log)
 
     # snakemake ran exactly the planned jobs; which of them are local is its decision
@@ -331,17 +383,12 @@ def test_quick_config_on_slurm(slurm, snapshot, local_run, tmp_path_factory):
     print(f"SLURM jobs: {len(jobs)} ({dict(jobs.rule.value_counts())}); "
           f"local jobs: {sum(local.values())} ({local})")
 
-    # the outputs: the same files as the local run, and the same numbers
+    # the outputs: the local quick run's files less those of the left-out seeds and CTRs, and
+    # the same numbers
     results = workdir / "results"
-    names = _tables(results)
-    assert names == _tables(local_run["results"]), "the runs wrote different tables"
-    _assert_same_tables(results, local_run["results"], names)
-    print(f"equal to the local run (rtol={RTOL}): {', '.join(names)}")
-    made = {p.relative_to(results) for p in results.rglob("*") if p.is_file()
-            and "logs" not in p.parts and "benchmarks" not in p.parts}
-    want = {p.relative_to(local_run["results"]) for p in local_run["results"].rglob("*")
-            if p.is_file() and "logs" not in p.parts and "benchmarks" not in p.parts}
-    assert made == want, made ^ want
+    compared = _assert_same_as_full_quick_run(results, quick_run["results"], quick_config)
+    print(f"equal to the local run (rtol={RTOL}): {', '.join(compared)}")
+    assert _outputs(results) == {p for p in _outputs(quick_run["results"]) if not _left_out(p, quick_config)}
 
     proc = subprocess.run([*SNAKEMAKE, "-n", *args], cwd=workdir, env=_pinned(env, workdir),
                           capture_output=True, text=True, timeout=300)
@@ -410,13 +457,13 @@ def _assert_job_gone(workdir: Path) -> None:
     raise AssertionError(f"a cancelled job left processes behind: {_job_processes(workdir)}")
 
 
-def _fault_workdir(snapshot: Path, local_run: dict, dst: Path) -> Path:
+def _fault_workdir(snapshot: Path, quick_run: dict, dst: Path) -> Path:
     """A checkout for the fault test, with the brain image of the local run already there.
 
     (Only the training job is then planned and killed; that saves a brain job per run.)
     """
     workdir = _copy_checkout(snapshot, dst)
-    shutil.copytree(local_run["results"].parent / "resources" / "brain", workdir / "resources" / "brain")
+    shutil.copytree(quick_run["results"].parent / "resources" / "brain", workdir / "resources" / "brain")
     return workdir
 
 
@@ -427,14 +474,14 @@ def _fault_args(workdir: Path, slurm: dict, *extra: str) -> list[str]:
     return _slurm_args(slurm, *_test_cluster_overrides(plan, slurm), *extra)
 
 
-def test_scancel_mid_run_rerun_and_retry(slurm, snapshot, local_run, tmp_path_factory):
+def test_scancel_mid_run_rerun_and_retry(slurm, snapshot, quick_run, tmp_path_factory):
     """A training job killed with scancel mid-run: rerun, and retry, both complete the outputs.
 
     1. With `--retries 0` the cancelled job fails the run, and nothing of it is left.
     2. The documented command (the profile: `retries: 1`, `rerun-incomplete`) reruns it; its
        job is cancelled again mid-run, resubmitted by the retry, and completes.
     """
-    workdir = _fault_workdir(snapshot, local_run, tmp_path_factory.mktemp("scancel"))
+    workdir = _fault_workdir(snapshot, quick_run, tmp_path_factory.mktemp("scancel"))
     out = workdir / "results" / FAULT_RUN
 
     rc, wall1, log, killed = _start_and_scancel(workdir, slurm, _fault_args(workdir, slurm, "--retries", "0"),
@@ -459,18 +506,18 @@ def test_scancel_mid_run_rerun_and_retry(slurm, snapshot, local_run, tmp_path_fa
     _assert_job_gone(workdir)
     for name in ("metrics.csv", "loss.csv", "timing.json", "eval.npz"):
         assert (out / name).stat().st_size > 0, name
-    _assert_same_tables(workdir / "results", local_run["results"],
+    _assert_same_tables(workdir / "results", quick_run["results"],
                         [f"{FAULT_RUN}/metrics.csv", f"{FAULT_RUN}/loss.csv"])
 
 
-def test_job_failing_once_is_retried(slurm, snapshot, local_run, tmp_path_factory):
+def test_job_failing_once_is_retried(slurm, snapshot, quick_run, tmp_path_factory):
     """A training job whose first attempt exits with status 3 (before writing anything) is
     resubmitted by the profile's ``retries: 1`` and completes with the local run's numbers.
 
     The failure is injected into this copy's train_brain rule: a shell prefix that fails when
     its marker file is absent and creates it.
     """
-    workdir = _fault_workdir(snapshot, local_run, tmp_path_factory.mktemp("fail_once"))
+    workdir = _fault_workdir(snapshot, quick_run, tmp_path_factory.mktemp("fail_once"))
     marker = workdir / "failed-once"
     rules = workdir / "workflow" / "rules" / "brain.smk"
     text = rules.read_text()
@@ -486,5 +533,5 @@ def test_job_failing_once_is_retried(slurm, snapshot, local_run, tmp_path_factor
     assert list(jobs.rule) == ["train_brain", "train_brain"], jobs
     assert sorted(jobs.state) == ["COMPLETED", "FAILED"], jobs
     assert "Trying to restart job" in log
-    _assert_same_tables(workdir / "results", local_run["results"],
+    _assert_same_tables(workdir / "results", quick_run["results"],
                         [f"{FAULT_RUN}/metrics.csv", f"{FAULT_RUN}/loss.csv"])
