@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import copy_checkout
+from conftest import REPO, copy_checkout
 from equipet.commands.study.estimate import main as estimate_main
 from equipet.study import estimate as est
 
@@ -121,3 +126,27 @@ def test_training_jobs_follow_training_threads_and_fewer_threads_count_longer(qu
         assert work(rule, wildcards, 2) > 0
         assert work(rule, wildcards, 1) == pytest.approx(2 * work(rule, wildcards, 2), rel=1e-12)
     assert work("simulate_job", {"ctr": "100", "job": "0"}, 1) == work("simulate_job", {"ctr": "100", "job": "0"}, 2) > 0
+
+
+def test_the_default_workdir_is_the_repository():
+    """Without --workdir the estimate reads this checkout's Snakefile and config/config.yaml."""
+    assert est.REPO == REPO and (est.REPO / "Snakefile").is_file()
+    assert est.load_run_config(["config/quick.yaml"])["seeds"] == [0, 1]
+
+
+def test_bootstrap_prints_the_estimate_of_the_run(quick_estimate):
+    """`bootstrap.sh estimate` -- the step `bootstrap.sh run` takes before Snakemake, with the
+    Snakemake arguments it is given -- prints the estimate of those configfiles and cores, with
+    the quick dry run's jobs, and no warning that it failed."""
+    venv = Path(sys.prefix)
+    if not (venv / ".equipet-installed").is_file():
+        pytest.skip(f"pytest does not run from a virtualenv bootstrap.sh made ({venv})")
+    proc = subprocess.run(["bash", str(REPO / "workflow" / "bootstrap.sh"), "estimate", "--configfile",
+                           "config/quick.yaml", "--cores", "2", "--rerun-incomplete"],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, EQUIPET_VENV=str(venv)))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "estimate failed" not in out and "error" not in out.lower(), out
+    assert "time estimate for config/config.yaml + config/quick.yaml" in out and "2 CPU cores" in out, out
+    jobs = re.search(r"^expected wall time on this machine: about .+ \((\d+) jobs\)\.$", out, re.M)
+    assert jobs and int(jobs[1]) == len(quick_estimate[1]["jobs"]), out

@@ -3,6 +3,7 @@
 #
 #   bash workflow/bootstrap.sh run  [snakemake args...]   # set up, estimate the time, run the paper config, build the report
 #   bash workflow/bootstrap.sh test [pytest args...]      # set up, run the test suite
+#   bash workflow/bootstrap.sh estimate [snakemake args...]  # set up, print what `run` would cost, run nothing
 #   bash workflow/bootstrap.sh setup                      # set up only
 #
 # Setup is idempotent: it installs system prerequisites when missing (gfortran, which
@@ -13,6 +14,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${EQUIPET_VENV:-.venv}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac     # relative to the checkout
 PYTHON="${EQUIPET_PYTHON:-python3}"
 
 say() { printf 'equipet: %s\n' "$*" >&2; }
@@ -51,7 +53,7 @@ setup() {
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c envs/constraints.txt -e ".[test,slurm]"
         echo "$want" > "$stamp"
     fi
-    export PATH="$PWD/$VENV/bin:$PATH"
+    export PATH="$VENV/bin:$PATH"
     export MPLBACKEND=Agg
 }
 
@@ -74,7 +76,7 @@ estimate() {
                esac ;;
         esac
     done
-    python -m equipet.study.estimate "${args[@]}" \
+    equipet-estimate "${args[@]}" \
         || say "warning: the time estimate failed (see above); starting the run anyway"
 }
 
@@ -89,6 +91,9 @@ case "$cmd" in
         snakemake --profile workflow/profiles/default "$@"
         snakemake --profile workflow/profiles/default "$@" --report "${EQUIPET_REPORT:-results/report.html}"
         say "done: results in results/, report in ${EQUIPET_REPORT:-results/report.html}" ;;
+    estimate)
+        setup
+        EQUIPET_ESTIMATE=1 estimate "$@" ;;
     test)
         setup
         set +e
@@ -98,5 +103,5 @@ case "$cmd" in
         [ "$rc" = 5 ] && die "pytest collected no tests"
         exit "$rc" ;;
     *)
-        sed -n '2,12p' "$0" >&2; exit 2 ;;
+        sed -n '2,13p' "$0" >&2; exit 2 ;;
 esac

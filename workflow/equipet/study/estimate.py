@@ -80,11 +80,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from equipet.config import REPO_ROOT
 from equipet.errors import EquipetError
 
 log = logging.getLogger("equipet.study.estimate")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = REPO_ROOT       # the workflow: Snakefile and config/config.yaml
 DEFAULT_CONFIG = "config/config.yaml"
 QUICK_COMMAND = "bash workflow/bootstrap.sh run --configfile config/quick.yaml"
 
