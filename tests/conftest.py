@@ -32,6 +32,17 @@ def copy_checkout(dst: Path) -> Path:
     return dst
 
 
+def pinned_env(env: dict, workdir: Path) -> dict:
+    """``env`` with the copy's equipet package (``workdir/workflow``) first on PYTHONPATH.
+
+    The venv holds an editable install of the checkout, which may change while the tests
+    run; every run in a copy (and every SLURM job, via sbatch --export=ALL) uses the code of
+    that copy, so runs made at different times compare the same code.
+    """
+    path = [str(workdir / "workflow"), *filter(None, [env.get("PYTHONPATH")])]
+    return dict(env, PYTHONPATH=os.pathsep.join(path))
+
+
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory) -> dict:
     """The whole workflow with config/quick.yaml, run once per test session on 2 cores.
@@ -43,10 +54,9 @@ def quick_run(tmp_path_factory) -> dict:
     """
     workdir = copy_checkout(tmp_path_factory.mktemp("quick_run"))
     (workdir / "results").mkdir()
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1",
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-               PYTHONPATH=os.pathsep.join([str(workdir / "workflow"),
-                                           *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env = pinned_env(dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1",
+                          PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])),
+                     workdir)
     log = workdir / "snakemake.log"
     start = time.perf_counter()
     with open(log, "w") as out:

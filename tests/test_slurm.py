@@ -17,13 +17,13 @@ apt-get); any other failure to start the cluster fails them.
    the tables that gather all runs are compared row by row after the local run's rows of the
    seeds and CTRs the cut config leaves out are dropped, except those that average over the
    seeds (SEED_AGGREGATES), which the cut run computes from other inputs.
+   In that run one training job exits non-zero once (its first attempt, injected into the
+   copy's rule): the profile's ``retries: 1`` resubmits it, and its numbers are the local
+   run's like every other job's.
 2. Fault: a training job is killed mid-run with ``scancel``. With ``--retries 0`` the run
    fails and leaves none of its outputs; the documented command then reruns it, the job is
    killed again, resubmitted by the profile's ``retries: 1``, and completes with the
    local run's numbers.
-
-3. Fault: a training job exits non-zero once (its first attempt, injected into the copy's
-   rule); the profile's ``retries: 1`` resubmits it and the run completes.
 
 The test cluster declares one GPU GRES (a device file, ``AutoDetect=off``; no GPU behind
 it), so rules with ``gpu: 1`` are submitted with ``sbatch --gpus=1`` unchanged (checked),
@@ -31,7 +31,10 @@ and train on the CPU (``device: auto``). Runs cap ``mem_mb`` at the node's memor
 ``EQUIPET_REQUIRE_SLURM=1`` (set by ``.ci/run``) a SLURM that cannot be installed fails the
 tests instead of skipping them.
 It has no accounting database either, so job status comes from ``squeue``
-(``--slurm-status-command squeue``; the cluster keeps finished jobs for an hour).
+(``--slurm-status-command squeue``; the cluster keeps finished jobs for an hour). Snakemake runs
+through tests/snakemake_fixed_polling.py, which checks job states every 2 s without the SLURM
+plugin's back-off (+10 s per check in which no job finished): on this cluster the back-off only
+adds idle time between dependent jobs.
 """
 
 from __future__ import annotations
@@ -48,13 +51,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import copy_checkout
+from conftest import copy_checkout, pinned_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "workflow" / "slurm" / "local_cluster.sh"
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+# snakemake, with the SLURM executor checking job states every --seconds-between-status-checks
+# (no back-off; see the module it runs).
+SNAKEMAKE = [sys.executable, str(Path(__file__).with_name("snakemake_fixed_polling.py"))]
 # The quick config cut to one seed and one CTR: every rule still runs (brain, simulation,
 # normalisation, MLEM, PSF, both assisted methods, aggregation), in about a third of the jobs,
 # so that a one-node, 2-CPU cluster stays within the time limits.
@@ -156,19 +161,8 @@ def _slurm_args(slurm: dict, *extra: str) -> list[str]:
     ]
 
 
-def _pinned(env: dict, workdir: Path) -> dict:
-    """The environment with the copy's equipet package first on the path.
-
-    The venv holds an editable install of the checkout, which may change while the tests
-    run; every run (and every SLURM job, via sbatch --export=ALL) uses the code of its copy,
-    so the local and the SLURM runs compare the same code.
-    """
-    path = [str(workdir / "workflow"), *filter(None, [env.get("PYTHONPATH")])]
-    return dict(env, PYTHONPATH=os.pathsep.join(path))
-
-
 def _run(workdir: Path, args: list[str], env: dict, log: Path, timeout: int = 1800):
-    env = _pinned(env, workdir)
+    env = pinned_env(env, workdir)
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.run([*SNAKEMAKE, *args], cwd=workdir, env=env, stdout=out,
@@ -208,7 +202,7 @@ def _sbatch_calls(slurm: dict, run_id: str) -> list[str]:
 def _plan(workdir: Path, env: dict, *targets: str) -> dict[str, dict]:
     """Per rule: the jobs a run would execute and their resources (from a dry run)."""
     proc = subprocess.run([*SNAKEMAKE, *targets, "-n", "--cores", "2", *QUICK], cwd=workdir,
-                          env=_pinned(env, workdir), capture_output=True, text=True, timeout=300)
+                          env=pinned_env(env, workdir), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     plan: dict[str, dict] = {}
     for block in re.split(r"^(?=rule \w+:$)", proc.stdout + proc.stderr, flags=re.M)[1:]:
@@ -297,14 +291,18 @@ def _assert_same_tables(got: Path, want: Path, names: list[str]) -> None:
         _assert_same_frames(pd.read_csv(got / name), pd.read_csv(want / name), name)
 
 
+def _left_out_values(quick_config: dict) -> dict[str, set]:
+    """The seeds and CTRs of the full quick run that the cut config leaves out, by table column."""
+    return {"seed": set(quick_config["seeds"]) - set(CUT_SEEDS),
+            "ctr_ps": set(quick_config["acquisition"]["ctrs_ps"]) - set(CUT_CTRS)}
+
+
 def _without_left_out_runs(df: pd.DataFrame, quick_config: dict) -> pd.DataFrame:
     """The rows of a gathered table of the full quick run that the cut config also makes: those
     of the seeds and CTRs it leaves out are dropped (rows without a seed or CTR, or with the
     acquisition's seed, stay)."""
-    left_out = {"seed": set(quick_config["seeds"]) - set(CUT_SEEDS),
-                "ctr_ps": set(quick_config["acquisition"]["ctrs_ps"]) - set(CUT_CTRS)}
     keep = np.ones(len(df), dtype=bool)
-    for col, values in left_out.items():
+    for col, values in _left_out_values(quick_config).items():
         if col in df.columns:
             keep &= ~df[col].isin(values)
     return df[keep].reset_index(drop=True)
@@ -320,9 +318,8 @@ def _outputs(results: Path) -> set[str]:
 def _left_out(path: str, quick_config: dict) -> bool:
     """Whether an output path of the full quick run belongs to a seed or CTR the cut config leaves
     out (``.../seed1/...``, ``ctr50/``, ``..._ctr200_...``)."""
-    seeds = set(quick_config["seeds"]) - set(CUT_SEEDS)
-    ctrs = set(quick_config["acquisition"]["ctrs_ps"]) - set(CUT_CTRS)
-    words = [f"seed{s}" for s in seeds] + [f"ctr{c:g}" for c in ctrs]
+    left_out = _left_out_values(quick_config)
+    words = [f"seed{s}" for s in left_out["seed"]] + [f"ctr{c:g}" for c in left_out["ctr_ps"]]
     return any(re.search(rf"(?:^|[/_]){w}(?=[/_.]|$)", path) for w in words)
 
 
@@ -346,10 +343,26 @@ def _assert_same_as_full_quick_run(results: Path, full: Path, quick_config: dict
     return compared
 
 
+def _fail_first_training_once(workdir: Path) -> Path:
+    """Make the copy's first train_brain job exit with status 3 before it writes anything.
+
+    A shell prefix in the copy's rule fails when its marker file is absent and creates it, so
+    only the first attempt of whichever training job starts first fails. Returns the marker.
+    """
+    marker = workdir / "failed-once"
+    rules = workdir / "workflow" / "rules" / "brain.smk"
+    text = rules.read_text()
+    head = '        "{params.command} --settings {params.settings:q} --brain {input.brain} "'
+    assert head in text
+    rules.write_text(text.replace(head, f'        "test -e {marker} || {{{{ touch {marker}; exit 3; }}}}; "\n' + head))
+    return marker
+
+
 def test_quick_config_on_slurm(slurm, snapshot, quick_run, quick_config, tmp_path_factory):
     workdir = _copy_checkout(snapshot, tmp_path_factory.mktemp("on_slurm"))
     env = slurm["env"]
     plan = _plan(workdir, env)
+    marker = _fail_first_training_once(workdir)
     args = _slurm_args(slurm, *_test_cluster_overrides(plan, slurm))
 
     rc, wall, log = _run(workdir, args, env, workdir / "snakemake.log")
@@ -366,13 +379,19 @@ def test_quick_config_on_slurm(slurm, snapshot, quick_run, quick_config, tmp_pat
     assert remote.get("train_brain") == plan["train_brain"]["jobs"], "training runs as SLURM jobs"
     assert "tables" in local, "aggregation rules are local rules"
 
-    # every non-local job went through sbatch ...
+    # every non-local job went through sbatch, the training that failed once twice ...
+    attempts = {**remote, "train_brain": remote["train_brain"] + 1}
     submitted = _sbatch_calls(slurm, run_id)
-    assert sorted(submitted) == sorted(r for r, n in remote.items() for _ in range(n)), submitted
-    # ... and ran as a SLURM job that completed; no local rule was submitted
+    assert sorted(submitted) == sorted(r for r, n in attempts.items() for _ in range(n)), submitted
+    # ... and ran as a SLURM job that completed, but for the injected failure, which the profile's
+    # `retries: 1` resubmitted; no local rule was submitted
     jobs = _slurm_jobs(env, run_id)
-    assert jobs.rule.value_counts().to_dict() == remote, jobs
-    assert (jobs.state == "COMPLETED").all(), jobs
+    assert jobs.rule.value_counts().to_dict() == attempts, jobs
+    failed = jobs[jobs.state != "COMPLETED"]
+    assert list(failed.rule) == ["train_brain"] and list(failed.state) == ["FAILED"], jobs
+    assert marker.exists() and "Trying to restart job" in log
+    retried = jobs[(jobs.wildcards == failed.wildcards.iloc[0]) & (jobs.state == "COMPLETED")]
+    assert len(retried) == 1 and retried.jobid.iloc[0] > failed.jobid.iloc[0], jobs
     assert not set(jobs.rule) & set(local), jobs
     # GPU rules went through `sbatch --gpus=1` unchanged, and ran on the node's GPU GRES
     gpu_rules = [r for r, e in plan.items() if e["gpu"]]
@@ -390,7 +409,7 @@ def test_quick_config_on_slurm(slurm, snapshot, quick_run, quick_config, tmp_pat
     print(f"equal to the local run (rtol={RTOL}): {', '.join(compared)}")
     assert _outputs(results) == {p for p in _outputs(quick_run["results"]) if not _left_out(p, quick_config)}
 
-    proc = subprocess.run([*SNAKEMAKE, "-n", *args], cwd=workdir, env=_pinned(env, workdir),
+    proc = subprocess.run([*SNAKEMAKE, "-n", *args], cwd=workdir, env=pinned_env(env, workdir),
                           capture_output=True, text=True, timeout=300)
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
@@ -407,7 +426,7 @@ def _start_and_scancel(workdir: Path, slurm: dict, args: list[str], log: Path):
     train_log = workdir / "results" / "logs" / f"{FAULT_RUN.replace('/seed', '_seed')}.log"
     out = open(log, "w")
     start = time.perf_counter()
-    proc = subprocess.Popen([*SNAKEMAKE, target, *args], cwd=workdir, env=_pinned(env, workdir), stdout=out,
+    proc = subprocess.Popen([*SNAKEMAKE, target, *args], cwd=workdir, env=pinned_env(env, workdir), stdout=out,
                             stderr=subprocess.STDOUT, text=True)
     seen = train_log.stat().st_size if train_log.exists() else 0  # a log of an earlier run
     killed = None
@@ -467,11 +486,11 @@ def _fault_workdir(snapshot: Path, quick_run: dict, dst: Path) -> Path:
     return workdir
 
 
-def _fault_args(workdir: Path, slurm: dict, *extra: str) -> list[str]:
+def _fault_args(workdir: Path, slurm: dict) -> list[str]:
     target = f"results/{FAULT_RUN}/metrics.csv"
     plan = _plan(workdir, slurm["env"], target)
     assert plan.keys() == {"train_brain"} and plan["train_brain"]["jobs"] == 1, plan
-    return _slurm_args(slurm, *_test_cluster_overrides(plan, slurm), *extra)
+    return _slurm_args(slurm, *_test_cluster_overrides(plan, slurm))
 
 
 def test_scancel_mid_run_rerun_and_retry(slurm, snapshot, quick_run, tmp_path_factory):
@@ -484,7 +503,8 @@ def test_scancel_mid_run_rerun_and_retry(slurm, snapshot, quick_run, tmp_path_fa
     workdir = _fault_workdir(snapshot, quick_run, tmp_path_factory.mktemp("scancel"))
     out = workdir / "results" / FAULT_RUN
 
-    rc, wall1, log, killed = _start_and_scancel(workdir, slurm, _fault_args(workdir, slurm, "--retries", "0"),
+    args = _fault_args(workdir, slurm)
+    rc, wall1, log, killed = _start_and_scancel(workdir, slurm, [*args, "--retries", "0"],
                                                 workdir / "snakemake-1.log")
     assert rc != 0, "the run must fail when its job is cancelled and retries are off"
     first = _slurm_jobs(slurm["env"], _run_id(log)).set_index("jobid").state
@@ -493,7 +513,7 @@ def test_scancel_mid_run_rerun_and_retry(slurm, snapshot, quick_run, tmp_path_fa
     assert not (out / "eval.npz").exists(), "an output of the cancelled job was left behind"
     _assert_job_gone(workdir)
 
-    rc, wall2, log, killed = _start_and_scancel(workdir, slurm, _fault_args(workdir, slurm),
+    rc, wall2, log, killed = _start_and_scancel(workdir, slurm, args,
                                                 workdir / "snakemake-2.log")
     assert rc == 0, log[-8000:]
     print(f"\nscancel, run fails ({FAULT_RUN}): {wall1:.0f} s; "
@@ -506,32 +526,5 @@ def test_scancel_mid_run_rerun_and_retry(slurm, snapshot, quick_run, tmp_path_fa
     _assert_job_gone(workdir)
     for name in ("metrics.csv", "loss.csv", "timing.json", "eval.npz"):
         assert (out / name).stat().st_size > 0, name
-    _assert_same_tables(workdir / "results", quick_run["results"],
-                        [f"{FAULT_RUN}/metrics.csv", f"{FAULT_RUN}/loss.csv"])
-
-
-def test_job_failing_once_is_retried(slurm, snapshot, quick_run, tmp_path_factory):
-    """A training job whose first attempt exits with status 3 (before writing anything) is
-    resubmitted by the profile's ``retries: 1`` and completes with the local run's numbers.
-
-    The failure is injected into this copy's train_brain rule: a shell prefix that fails when
-    its marker file is absent and creates it.
-    """
-    workdir = _fault_workdir(snapshot, quick_run, tmp_path_factory.mktemp("fail_once"))
-    marker = workdir / "failed-once"
-    rules = workdir / "workflow" / "rules" / "brain.smk"
-    text = rules.read_text()
-    head = '        "{params.command} --settings {params.settings:q} --brain {input.brain} "'
-    assert head in text
-    rules.write_text(text.replace(head, f'        "test -e {marker} || {{{{ touch {marker}; exit 3; }}}}; "\n' + head))
-    rc, wall, log = _run(workdir, [f"results/{FAULT_RUN}/metrics.csv", *_fault_args(workdir, slurm)],
-                         slurm["env"], workdir / "snakemake.log")
-    assert rc == 0, log[-8000:]
-    print(f"\nfail once, retried ({FAULT_RUN}): {wall:.0f} s")
-    assert marker.exists()
-    jobs = _slurm_jobs(slurm["env"], _run_id(log))
-    assert list(jobs.rule) == ["train_brain", "train_brain"], jobs
-    assert sorted(jobs.state) == ["COMPLETED", "FAILED"], jobs
-    assert "Trying to restart job" in log
     _assert_same_tables(workdir / "results", quick_run["results"],
                         [f"{FAULT_RUN}/metrics.csv", f"{FAULT_RUN}/loss.csv"])
