@@ -346,15 +346,16 @@ def _assert_same_as_full_quick_run(results: Path, full: Path, quick_config: dict
 def _fail_first_training_once(workdir: Path) -> Path:
     """Make the copy's first train_brain job exit with status 3 before it writes anything.
 
-    A shell prefix in the copy's rule fails when its marker file is absent and creates it, so
-    only the first attempt of whichever training job starts first fails. Returns the marker.
+    A shell prefix in the copy's rule creates a marker directory and exits 3 when it could: mkdir
+    is atomic, so of training jobs that start at the same moment exactly one fails, once, and its
+    retry (the marker now there) trains. Returns the marker.
     """
     marker = workdir / "failed-once"
     rules = workdir / "workflow" / "rules" / "brain.smk"
     text = rules.read_text()
     head = '        "{params.command} --settings {params.settings:q} --brain {input.brain} "'
     assert head in text
-    rules.write_text(text.replace(head, f'        "test -e {marker} || {{{{ touch {marker}; exit 3; }}}}; "\n' + head))
+    rules.write_text(text.replace(head, f'        "mkdir {marker} 2>/dev/null && exit 3; "\n' + head))
     return marker
 
 
