@@ -6,8 +6,13 @@ its own slurm.conf (SLURM_CONF), and stops them at the end. The tests skip -- sa
 only when SLURM cannot be installed or run here (not root and no passwordless sudo, or no
 apt-get); any other failure to start the cluster fails them.
 
-1. The quick config runs with ``--profile workflow/profiles/slurm`` (executor slurm). Every
-   job Snakemake did not run locally went through sbatch (an sbatch wrapper first on PATH
+1. The quick config runs with ``--profile workflow/profiles/slurm`` (executor slurm), cut to one
+   seed and one CTR, in a checkout that already holds the local run's outputs of the rules made
+   once per scanner and image grid, not per CTR or seed (SEEDED_FROM_LOCAL_RUN: brain image,
+   normalisation, sensitivity, and the CTR's PSF, which feeds only a table): the local run
+   tests those, and the cut run spends its time on the per-CTR chain (simulation, merge, MLEM,
+   central slice, assisted training) and the brain trainings, which still include 1- and 2-CPU
+   jobs, GPU and non-GPU jobs. Every job Snakemake did not run locally went through sbatch (an sbatch wrapper first on PATH
    records each call) and ran as a SLURM job (``squeue --states=all``, rule in the job
    comment) that COMPLETED; no local rule was submitted; the jobs per rule are those of the
    dry run. The reference is the session's local run of the whole quick config (the
@@ -25,9 +30,9 @@ apt-get); any other failure to start the cluster fails them.
    killed again, resubmitted by the profile's ``retries: 1``, and completes with the
    local run's numbers.
 
-The test cluster declares one GPU GRES (a device file, ``AutoDetect=off``; no GPU behind
-it), so rules with ``gpu: 1`` are submitted with ``sbatch --gpus=1`` unchanged (checked),
-and train on the CPU (``device: auto``). Runs cap ``mem_mb`` at the node's memory. With
+The test cluster declares one GPU GRES per CPU (device files, ``AutoDetect=off``; no GPU
+behind them), so rules with ``gpu: 1`` are submitted with ``sbatch --gpus=1`` unchanged
+(checked), run two at a time on a 2-CPU node, and train on the CPU (``device: auto``). Runs cap ``mem_mb`` at the node's memory. With
 ``EQUIPET_REQUIRE_SLURM=1`` (set by ``.ci/run``) a SLURM that cannot be installed fails the
 tests instead of skipping them.
 It has no accounting database either, so job status comes from ``squeue``
@@ -60,11 +65,26 @@ CLUSTER = REPO / "workflow" / "slurm" / "local_cluster.sh"
 # snakemake, with the SLURM executor checking job states every --seconds-between-status-checks
 # (no back-off; see the module it runs).
 SNAKEMAKE = [sys.executable, str(Path(__file__).with_name("snakemake_fixed_polling.py"))]
-# The quick config cut to one seed and one CTR: every rule still runs (brain, simulation,
-# normalisation, MLEM, PSF, both assisted methods, aggregation), in about a third of the jobs,
-# so that a one-node, 2-CPU cluster stays within the time limits.
+# The quick config cut to one seed and one CTR: the per-CTR and per-seed rules still run
+# (simulation, MLEM, central slice, both assisted methods, brain training, aggregation), in
+# about a third of the jobs, so that a one-node, 2-CPU cluster stays within the time limits.
 CUT_SEEDS, CUT_CTRS = [0], [100]
 SLURM_TEST_CONFIG = f"seeds: {CUT_SEEDS}\nacquisition:\n  ctrs_ps: {CUT_CTRS}\n"
+# Outputs of the local quick run copied (with their times) into the cut run's checkout, so that
+# their rules are not planned: the brain image, the blank-scan normalisation and the sensitivity
+# image (made once per scanner and image grid; together about 45 s of the 2 CPUs) and the cut
+# CTR's PSF (it feeds only the blurred-truth table). Their rules run in the local run.
+SEEDED_FROM_LOCAL_RUN = {
+    "brain": ["resources/brain/brain.npz", "resources/brain/brain.png"],
+    "normalisation": ["results/recon/normalisation.json"],
+    "sensitivity": ["results/recon/sensitivity.nii.gz", "results/recon/sensitivity.json"],
+    "psf": [f"results/recon/ctr{CUT_CTRS[0]}/psf.json"],
+}
+# Rules that must still run as SLURM jobs in the cut run: 1- and 2-CPU jobs, GPU (`gpu: 1`) and
+# CPU-only ones, and the chain from the simulation to the assisted training.
+MUST_RUN_ON_SLURM = {"phantom_truth", "gate_macros", "simulate_job", "merge_sim", "mlem",
+                     "recon_metrics", "central_slice", "crc_blurred_truth", "assisted_train",
+                     "train_brain"}
 # Tables of results/tables/ that average over the seeds (seed means and SDs, claims decided
 # over seeds): the cut run's differ from the full quick run's by design. Every input they
 # are made of is compared, and the workflow test checks them against their rules.
@@ -359,10 +379,22 @@ def _fail_first_training_once(workdir: Path) -> Path:
     return marker
 
 
+def _seed_from_local_run(workdir: Path, quick_run: dict) -> None:
+    """Copy SEEDED_FROM_LOCAL_RUN from the local run into ``workdir``, modification times kept
+    (so that Snakemake sees them up to date and plans none of their rules)."""
+    for files in SEEDED_FROM_LOCAL_RUN.values():
+        for rel in files:
+            (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(quick_run["workdir"] / rel, workdir / rel)
+
+
 def test_quick_config_on_slurm(slurm, snapshot, quick_run, quick_config, tmp_path_factory):
     workdir = _copy_checkout(snapshot, tmp_path_factory.mktemp("on_slurm"))
     env = slurm["env"]
+    _seed_from_local_run(workdir, quick_run)
     plan = _plan(workdir, env)
+    assert not set(plan) & set(SEEDED_FROM_LOCAL_RUN), plan
+    assert MUST_RUN_ON_SLURM <= set(plan), MUST_RUN_ON_SLURM - set(plan)
     marker = _fail_first_training_once(workdir)
     args = _slurm_args(slurm, *_test_cluster_overrides(plan, slurm))
 
@@ -378,6 +410,7 @@ def test_quick_config_on_slurm(slurm, snapshot, quick_run, quick_config, tmp_pat
     assert finished == {rule: e["jobs"] for rule, e in plan.items()}, (finished, plan)
     remote = {rule: n - local.get(rule, 0) for rule, n in finished.items() if n > local.get(rule, 0)}
     assert remote.get("train_brain") == plan["train_brain"]["jobs"], "training runs as SLURM jobs"
+    assert MUST_RUN_ON_SLURM <= set(remote), MUST_RUN_ON_SLURM - set(remote)
     assert "tables" in local, "aggregation rules are local rules"
 
     # every non-local job went through sbatch, the training that failed once twice ...
