@@ -9,22 +9,21 @@ apt-get); any other failure to start the cluster fails them.
 1. The quick config runs with ``--profile workflow/profiles/slurm`` (executor slurm), cut to one
    seed and one CTR, in a checkout that already holds the local run's outputs of the rules made
    once per scanner and image grid, not per CTR or seed (SEEDED_FROM_LOCAL_RUN: brain image,
-   normalisation, sensitivity, and the CTR's PSF, which feeds only a table): the local run
-   tests those, and the cut run spends its time on the per-CTR chain (simulation, merge, MLEM,
-   central slice, assisted training) and the brain trainings, which still include 1- and 2-CPU
-   jobs, GPU and non-GPU jobs. Every job Snakemake did not run locally went through sbatch (an sbatch wrapper first on PATH
-   records each call) and ran as a SLURM job (``squeue --states=all``, rule in the job
-   comment) that COMPLETED; no local rule was submitted; the jobs per rule are those of the
-   dry run. The reference is the session's local run of the whole quick config (the
-   ``quick_run`` fixture the workflow test checks, run once for both): the SLURM run writes
-   a subset of its files, and every CSV equals the local run's within RTOL (the CPU training
-   is deterministic per seed, and each run's outputs depend on its own seed and CTR alone);
-   the tables that gather all runs are compared row by row after the local run's rows of the
-   seeds and CTRs the cut config leaves out are dropped, except those that average over the
-   seeds (SEED_AGGREGATES), which the cut run computes from other inputs.
-   In that run one training job exits non-zero once (its first attempt, injected into the
-   copy's rule): the profile's ``retries: 1`` resubmits it, and its numbers are the local
-   run's like every other job's.
+   normalisation, sensitivity, and the CTR's PSF, which feeds only a table): the local run tests
+   those, and the cut run spends its time on the per-CTR chain (simulation, merge, MLEM, central
+   slice, assisted training) and the brain trainings, which still include 1- and 2-CPU jobs, GPU
+   and non-GPU jobs. Every job Snakemake did not run locally went through sbatch (an sbatch
+   wrapper first on PATH records each call) and ran as a SLURM job (``squeue --states=all``,
+   rule in the job comment) that COMPLETED; no local rule was submitted; the jobs per rule are
+   those of the dry run. The reference is the session's local run of the whole quick config (the
+   ``quick_run`` fixture the workflow test checks, run once for both): the SLURM run writes a
+   subset of its files, and every CSV equals the local run's within RTOL (the CPU training is
+   deterministic per seed, and each run's outputs depend on its own seed and CTR alone); the
+   tables that gather all runs are compared row by row after the local run's rows of the seeds
+   and CTRs the cut config leaves out are dropped, except those that average over the seeds
+   (SEED_AGGREGATES), which the cut run computes from other inputs. In that run one training job
+   exits non-zero once (its first attempt, injected into the copy's rule): the profile's
+   ``retries: 1`` resubmits it, and its numbers are the local run's like every other job's.
 2. Fault: a training job is killed mid-run with ``scancel``. With ``--retries 0`` the run
    fails and leaves none of its outputs; the documented command then reruns it, the job is
    killed again, resubmitted by the profile's ``retries: 1``, and completes with the
@@ -32,7 +31,8 @@ apt-get); any other failure to start the cluster fails them.
 
 The test cluster declares one GPU GRES per CPU (device files, ``AutoDetect=off``; no GPU
 behind them), so rules with ``gpu: 1`` are submitted with ``sbatch --gpus=1`` unchanged
-(checked), run two at a time on a 2-CPU node, and train on the CPU (``device: auto``). Runs cap ``mem_mb`` at the node's memory. With
+(checked), run as many at once as the node has CPUs, and train on the CPU (``device: auto``).
+Runs cap ``mem_mb`` at the node's memory. With
 ``EQUIPET_REQUIRE_SLURM=1`` (set by ``.ci/run``) a SLURM that cannot be installed fails the
 tests instead of skipping them.
 It has no accounting database either, so job status comes from ``squeue``
@@ -379,11 +379,11 @@ def _fail_first_training_once(workdir: Path) -> Path:
     return marker
 
 
-def _seed_from_local_run(workdir: Path, quick_run: dict) -> None:
-    """Copy SEEDED_FROM_LOCAL_RUN from the local run into ``workdir``, modification times kept
-    (so that Snakemake sees them up to date and plans none of their rules)."""
-    for files in SEEDED_FROM_LOCAL_RUN.values():
-        for rel in files:
+def _seed_from_local_run(workdir: Path, quick_run: dict, rules=tuple(SEEDED_FROM_LOCAL_RUN)) -> None:
+    """Copy the outputs of ``rules`` (SEEDED_FROM_LOCAL_RUN) from the local run into ``workdir``,
+    modification times kept (so that Snakemake sees them up to date and plans none of those rules)."""
+    for rule in rules:
+        for rel in SEEDED_FROM_LOCAL_RUN[rule]:
             (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(quick_run["workdir"] / rel, workdir / rel)
 
@@ -516,7 +516,7 @@ def _fault_workdir(snapshot: Path, quick_run: dict, dst: Path) -> Path:
     (Only the training job is then planned and killed; that saves a brain job per run.)
     """
     workdir = _copy_checkout(snapshot, dst)
-    shutil.copytree(quick_run["results"].parent / "resources" / "brain", workdir / "resources" / "brain")
+    _seed_from_local_run(workdir, quick_run, ["brain"])
     return workdir
 
 
